@@ -121,7 +121,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--preset", default="folder", help=f"evaluation protocol: {', '.join(PRESETS)} (default: folder)"
     )
-    parser.add_argument("--captions", help="caption JSON {file name: [captions]}; required by coco-stuff and multi-instance")
+    parser.add_argument(
+        "--captions", help="caption JSON {file name: [captions]}; required by coco-stuff and multi-instance"
+    )
     parser.add_argument("--limit", type=int, help="score only the first N images (default: the preset's)")
     parser.add_argument("--size", type=int, help="centre-crop to a square and resize to SIZE (default: the preset's)")
     parser.add_argument("--output", help="folder for results.json and results.md (default: the --results folder)")
@@ -143,7 +145,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     colorize.add_argument("--model", help="L-CAD pipeline folder for --run")
     colorize.add_argument("--prompt", default="", help="description for images without a caption (default: empty)")
     colorize.add_argument("--steps", type=int, default=50, help="denoising steps (default: 50, as in the paper)")
-    colorize.add_argument("--guidance-scale", type=float, help="classifier-free guidance scale (default: the pipeline's)")
+    colorize.add_argument(
+        "--guidance-scale", type=float, help="classifier-free guidance scale (default: the pipeline's)"
+    )
     colorize.add_argument("--seed", type=int, default=0, help="seed of every image's generator (default: 0)")
 
 
@@ -184,8 +188,11 @@ def _run(args: argparse.Namespace, pipeline: Callable | None) -> int:
     elif not os.path.isdir(args.results):
         raise UsageError(f"--results: no such folder: {args.results}")
 
-    for path, argument in [(args.lpips_weights, "--lpips-weights"), (args.fid_weights, "--fid-weights"),
-                           (args.clip_model, "--clip-model")]:  # fmt: skip
+    for path, argument in [
+        (args.lpips_weights, "--lpips-weights"),
+        (args.fid_weights, "--fid-weights"),
+        (args.clip_model, "--clip-model"),
+    ]:
         if path and not os.path.exists(path):
             raise UsageError(f"{argument}: no such file or folder: {path}")
 
@@ -198,6 +205,8 @@ def _run(args: argparse.Namespace, pipeline: Callable | None) -> int:
         skipped["clip_score"] = "no captions for these images (give --captions)"
     else:
         clip_score = _load_metric(args.clip_model, "--clip-model", "clip_score", skipped)
+    for name, reason in skipped.items():
+        print(f"lcad evaluate: skipping {_label(name)}: {reason}", file=sys.stderr)
 
     if args.run:
         if pipeline is None:
@@ -217,9 +226,9 @@ def _run(args: argparse.Namespace, pipeline: Callable | None) -> int:
     pairs, missing, extra = pair_results(protocol.samples, args.results)
     _report_pairing(protocol, pairs, missing, extra)
     if not pairs:
-        raise UsageError(f"--results: none of the {len(protocol.samples)} ground-truth images has a result in {args.results}")
-    for name, reason in skipped.items():
-        print(f"lcad evaluate: skipping {_label(name)}: {reason}", file=sys.stderr)
+        raise UsageError(
+            f"--results: none of the {len(protocol.samples)} ground-truth images has a result in {args.results}"
+        )
 
     if lpips_network is not None:
         lpips_network.to(device)
@@ -316,7 +325,9 @@ def load_captions(path: str) -> dict[str, str]:
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
         raise UsageError(f"--captions: {path} is not readable JSON ({error})") from None
     if not isinstance(data, dict):
-        raise UsageError(f"--captions: {path} must hold an object {{file name: [captions]}}, not a {type(data).__name__}")
+        raise UsageError(
+            f"--captions: {path} must hold an object {{file name: [captions]}}, not a {type(data).__name__}"
+        )
     captions: dict[str, str] = {}
     for name, value in data.items():
         if isinstance(value, list) and value and all(isinstance(text, str) for text in value):
@@ -357,7 +368,8 @@ def build_protocol(args: argparse.Namespace) -> Protocol:
         keys = [key for key in keys if key in images]
         if not keys:
             raise UsageError(
-                f"--ground-truth: none of the {len(captions)} images named in {args.captions} is in {args.ground_truth}"
+                f"--ground-truth: none of the {len(captions)} images named in {args.captions} "
+                f"is in {args.ground_truth}"
             )
     elif preset.sort_by_file_name:
         # ImageNet val images are numbered in their file names, whether or not they sit in class folders.
@@ -393,7 +405,9 @@ def _open(path: str, argument: str) -> Image.Image:
         raise UsageError(f"{argument}: cannot read image {path} ({error})") from None
 
 
-def pair_results(samples: Sequence[Sample], results_folder: str) -> tuple[list[tuple[Sample, str]], list[str], list[str]]:
+def pair_results(
+    samples: Sequence[Sample], results_folder: str
+) -> tuple[list[tuple[Sample, str]], list[str], list[str]]:
     """Pair each sample with the result of the same key; returns the pairs, missing keys and unused result keys."""
     results = find_images(results_folder, "--results")
     pairs = [(sample, results[sample.key]) for sample in samples if sample.key in results]
@@ -409,7 +423,9 @@ def _some(keys: Sequence[str]) -> str:
 
 
 def _report_pairing(protocol: Protocol, pairs: Sequence, missing: Sequence[str], extra: Sequence[str]) -> None:
-    print(f"lcad evaluate: {len(pairs)} of {len(protocol.samples)} ground-truth images have a result ({protocol.preset})")
+    print(
+        f"lcad evaluate: {len(pairs)} of {len(protocol.samples)} ground-truth images have a result ({protocol.preset})"
+    )
     if protocol.missing_ground_truth:
         print(
             f"lcad evaluate: warning: {len(protocol.missing_ground_truth)} images named in --captions are not in "
@@ -418,7 +434,8 @@ def _report_pairing(protocol: Protocol, pairs: Sequence, missing: Sequence[str],
         )
     if missing:
         print(
-            f"lcad evaluate: warning: {len(missing)} ground-truth images have no result in --results and are left out: "
+            f"lcad evaluate: warning: {len(missing)} ground-truth images have no result in --results "
+            "and are left out: "
             f"{_some(missing)}",
             file=sys.stderr,
         )
@@ -438,7 +455,9 @@ def load_pipeline(model: str, device: torch.device) -> Callable:
     try:
         pipeline = LCADPipeline.from_pretrained(model)
     except Exception as error:  # diffusers raises many types for a folder that is not a pipeline
-        raise UsageError(f"--model: cannot load an L-CAD pipeline from {model} ({type(error).__name__}: {error})") from None
+        raise UsageError(
+            f"--model: cannot load an L-CAD pipeline from {model} ({type(error).__name__}: {error})"
+        ) from None
     pipeline.to(device)
     pipeline.set_progress_bar_config(disable=True)
     return pipeline
@@ -564,7 +583,9 @@ def score_pairs(
             scores["c_result"].append(metrics.colorfulness(results))
             scores["c_gt"].append(metrics.colorfulness(ground_truths))
             if lpips_network is not None:
-                scores["lpips"].append(metrics.lpips(lpips_network, results.to(device), ground_truths.to(device)).cpu())
+                scores["lpips"].append(
+                    metrics.lpips(lpips_network, results.to(device), ground_truths.to(device)).cpu()
+                )
             if fid is not None:
                 with torch.inference_mode():
                     fid.update(ground_truths.to(device), real=True)

@@ -65,9 +65,7 @@ def psnr(preds: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     from torchmetrics.functional.image import peak_signal_noise_ratio
 
     _check_pair(preds, target)
-    return peak_signal_noise_ratio(
-        preds.double(), target.double(), data_range=255.0, reduction="none", dim=(1, 2, 3)
-    )
+    return peak_signal_noise_ratio(preds.double(), target.double(), data_range=255.0, reduction="none", dim=(1, 2, 3))
 
 
 def ssim(preds: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -207,7 +205,8 @@ def load_fid_feature_extractor(path: str | os.PathLike) -> nn.Module:
     if importlib.util.find_spec("torch_fidelity") is None:
         raise MetricUnavailable(
             f"{path} is a state dict, not TorchScript; an Inception state dict needs torch-fidelity, which is not "
-            "installed (it requires torchvision). Give the TorchScript FID Inception (inception-2015-12-05.pt) instead."
+            "installed (it requires torchvision). Give the TorchScript FID Inception (inception-2015-12-05.pt) "
+            "instead."
         )
     from torchmetrics.image.fid import NoTrainInceptionV3
 
@@ -216,7 +215,9 @@ def load_fid_feature_extractor(path: str | os.PathLike) -> nn.Module:
             name="inception-v3-compat", features_list=["2048"], feature_extractor_weights_path=path
         )
     except Exception as error:  # torch-fidelity reports a bad file in many ways
-        raise ValueError(f"{path} is neither TorchScript nor an Inception state dict torch-fidelity can load ({error})")
+        raise ValueError(
+            f"{path} is neither TorchScript nor an Inception state dict torch-fidelity can load ({error})"
+        )
     return _FeatureExtractor(network, pass_return_features=False)
 
 
@@ -238,8 +239,16 @@ def make_fid(feature_extractor: nn.Module):
 
 # The convolutional ``features`` of torchvision's AlexNet and VGG16, rebuilt here so that LPIPS works without
 # torchvision: (in channels, out channels, kernel, stride, padding) per convolution, "M" for a max pool.
-_ALEXNET_LAYERS = [(3, 64, 11, 4, 2), "M", (64, 192, 5, 1, 2), "M", (192, 384, 3, 1, 1), (384, 256, 3, 1, 1),
-                   (256, 256, 3, 1, 1), "M"]  # fmt: skip
+_ALEXNET_LAYERS = [
+    (3, 64, 11, 4, 2),
+    "M",
+    (64, 192, 5, 1, 2),
+    "M",
+    (192, 384, 3, 1, 1),
+    (384, 256, 3, 1, 1),
+    (256, 256, 3, 1, 1),
+    "M",
+]
 _VGG16_CHANNELS = [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M"]
 
 
@@ -281,7 +290,7 @@ def _read_state_dict(path: str) -> dict[str, torch.Tensor]:
 
 
 def load_lpips_network(path: str | os.PathLike) -> nn.Module:
-    """Build torchmetrics' LPIPS network (v0.1 linear layers shipped with torchmetrics) on backbone weights from a file.
+    """Build torchmetrics' LPIPS network (its shipped v0.1 linear layers) on backbone weights from a file.
 
     ``path`` holds a torchvision AlexNet or VGG16 state dict (``alexnet-owt-7be5be79.pth``, ``vgg16-397923af.pth``;
     the kind is recognised from its shapes, ``classifier.*`` entries are ignored). The backbone is rebuilt
@@ -301,7 +310,9 @@ def load_lpips_network(path: str | os.PathLike) -> nn.Module:
     elif tuple(first.shape) == (64, 3, 3, 3) and "features.28.weight" in state_dict:
         net = "vgg"
     else:
-        raise ValueError(f"{path} is not a torchvision AlexNet or VGG16 state dict (`features.0.weight` {tuple(first.shape)})")
+        raise ValueError(
+            f"{path} is not a torchvision AlexNet or VGG16 state dict (`features.0.weight` {tuple(first.shape)})"
+        )
 
     features = _torchvision_features(net)
     backbone = {key[len("features.") :]: value for key, value in state_dict.items() if key.startswith("features.")}
@@ -313,7 +324,7 @@ def load_lpips_network(path: str | os.PathLike) -> nn.Module:
     try:
         from torchmetrics.functional.image import lpips as tm_lpips
 
-        # torchmetrics asks torchvision for the backbone; hand it the rebuilt one instead (no torchvision, no download).
+        # torchmetrics asks torchvision for the backbone: hand it the rebuilt one (no torchvision, no download).
         with mock.patch.object(tm_lpips, "_get_tv_model_features", lambda *args, **kwargs: features):
             network = tm_lpips._NoTrainLpips(net=net, pretrained=True, pnet_rand=True)
     except (ImportError, AttributeError, TypeError) as error:

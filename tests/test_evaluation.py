@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import warnings
 
 import numpy as np
 import pytest
@@ -56,7 +57,9 @@ def test_psnr_matches_scikit_image():
     target = _random_images(4, 37, 52, seed=0)
     preds = _perturb(target, seed=1)
     expected = [peak_signal_noise_ratio(target[i], preds[i], data_range=255) for i in range(4)]
-    np.testing.assert_allclose(metrics.psnr(_nchw(preds), _nchw(target)).numpy(), expected, rtol=1e-7)  # torchmetrics keeps log10(255) in float32
+    np.testing.assert_allclose(
+        metrics.psnr(_nchw(preds), _nchw(target)).numpy(), expected, rtol=1e-7
+    )  # torchmetrics keeps log10(255) in float32
 
 
 def test_ssim_matches_scikit_image():
@@ -64,11 +67,16 @@ def test_ssim_matches_scikit_image():
     preds = _perturb(target, seed=3)
     expected = [
         structural_similarity(
-            target[i], preds[i], channel_axis=-1, data_range=255, gaussian_weights=True, sigma=1.5,
+            target[i],
+            preds[i],
+            channel_axis=-1,
+            data_range=255,
+            gaussian_weights=True,
+            sigma=1.5,
             use_sample_covariance=False,
         )
         for i in range(3)
-    ]  # fmt: skip
+    ]
     got = metrics.ssim(_nchw(preds), _nchw(target)).numpy()
     np.testing.assert_allclose(got, expected, rtol=0, atol=1e-9)
     assert metrics.ssim(_nchw(target), _nchw(target)).tolist() == pytest.approx([1.0] * 3)
@@ -148,7 +156,8 @@ class TinyFeatures(torch.nn.Module):
 @pytest.fixture(scope="module")
 def fid_weights(tmp_path_factory) -> str:
     path = str(tmp_path_factory.mktemp("fid") / "tiny-inception.pt")
-    with pytest.warns(DeprecationWarning):  # TorchScript is deprecated but is how the FID Inception ships
+    with warnings.catch_warnings():  # TorchScript is deprecated, but it is how the FID Inception ships
+        warnings.simplefilter("ignore", DeprecationWarning)
         torch.jit.script(TinyFeatures()).save(path)
     return path
 
@@ -176,7 +185,8 @@ def test_fid_of_a_set_with_itself_is_near_zero_and_matches_scipy(fid_weights):
     network = TinyFeatures()
     with torch.no_grad():
         expected = _frechet_distance(
-            network(images, return_features=True).double().numpy(), network(others, return_features=True).double().numpy()
+            network(images, return_features=True).double().numpy(),
+            network(others, return_features=True).double().numpy(),
         )
     assert expected > 1e-3
     assert different.compute().item() == pytest.approx(expected, rel=1e-4)
@@ -231,10 +241,20 @@ def _reference_lpips(state_dict: dict, x: torch.Tensor, y: torch.Tensor) -> torc
     def taps(image):
         h = ((image * 2 - 1) - shift) / scale
         out = []
-        for index, (stride, padding, pool) in {0: (4, 2, False), 3: (1, 2, True), 6: (1, 1, True), 8: (1, 1, False), 10: (1, 1, False)}.items():  # fmt: skip
+        for index, (stride, padding, pool) in {
+            0: (4, 2, False),
+            3: (1, 2, True),
+            6: (1, 1, True),
+            8: (1, 1, False),
+            10: (1, 1, False),
+        }.items():
             if pool:
                 h = F.max_pool2d(h, 3, 2)
-            h = F.relu(F.conv2d(h, state_dict[f"features.{index}.weight"], state_dict[f"features.{index}.bias"], stride, padding))
+            h = F.relu(
+                F.conv2d(
+                    h, state_dict[f"features.{index}.weight"], state_dict[f"features.{index}.bias"], stride, padding
+                )
+            )
             out.append(h)
         return out
 
@@ -285,11 +305,17 @@ def clip_model(tmp_path_factory) -> str:
     image_processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
     small = {"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2}
     config = CLIPConfig(
-        text_config={**small, "vocab_size": len(vocab), "max_position_embeddings": 32, "bos_token_id": 0,
-                     "eos_token_id": 1, "pad_token_id": 1},
+        text_config={
+            **small,
+            "vocab_size": len(vocab),
+            "max_position_embeddings": 32,
+            "bos_token_id": 0,
+            "eos_token_id": 1,
+            "pad_token_id": 1,
+        },
         vision_config={**small, "image_size": 32, "patch_size": 8},
         projection_dim=8,
-    )  # fmt: skip
+    )
     torch.manual_seed(3)
     CLIPModel(config).save_pretrained(folder)
     CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(folder)
@@ -345,9 +371,19 @@ def _evaluate(*args: str) -> int:
 def test_cli_end_to_end(folders, fid_weights, lpips_weights, capsys):
     tmp_path, names, ground_truth, results = folders
     status = _evaluate(
-        "--results", tmp_path / "results", "--ground-truth", tmp_path / "gt", "--output", tmp_path / "report",
-        "--fid-weights", fid_weights, "--lpips-weights", lpips_weights, "--batch-size", "2",
-    )  # fmt: skip
+        "--results",
+        tmp_path / "results",
+        "--ground-truth",
+        tmp_path / "gt",
+        "--output",
+        tmp_path / "report",
+        "--fid-weights",
+        fid_weights,
+        "--lpips-weights",
+        lpips_weights,
+        "--batch-size",
+        "2",
+    )
     assert status == 0
     captured = capsys.readouterr()
     assert "1 ground-truth images have no result" in captured.err and "img5" in captured.err
@@ -358,9 +394,16 @@ def test_cli_end_to_end(folders, fid_weights, lpips_weights, capsys):
     assert report["missing_results"] == ["img5"]
     scored = report["metrics"]
     assert {key: entry["n"] for key, entry in scored.items()} == {
-        "fid": 5, "psnr": 5, "ssim": 5, "lpips": 5, "colorfulness": 5, "delta_colorfulness": 5,
-        "delta_colorfulness_per_image": 5, "colorfulness_bias": 5, "colorfulness_gt": 5,
-    }  # fmt: skip
+        "fid": 5,
+        "psnr": 5,
+        "ssim": 5,
+        "lpips": 5,
+        "colorfulness": 5,
+        "delta_colorfulness": 5,
+        "delta_colorfulness_per_image": 5,
+        "colorfulness_bias": 5,
+        "colorfulness_gt": 5,
+    }
     order = sorted(range(5), key=lambda i: names[i])
     psnr = np.mean([peak_signal_noise_ratio(ground_truth[i], results[i], data_range=255) for i in order])
     assert scored["psnr"]["value"] == pytest.approx(psnr, rel=1e-7)
@@ -376,7 +419,12 @@ def test_cli_end_to_end(folders, fid_weights, lpips_weights, capsys):
 
     # A second run must not replace the report without --overwrite.
     before = (tmp_path / "report" / "results.json").read_bytes()
-    assert _evaluate("--results", tmp_path / "results", "--ground-truth", tmp_path / "gt", "--output", tmp_path / "report") == 2
+    assert (
+        _evaluate(
+            "--results", tmp_path / "results", "--ground-truth", tmp_path / "gt", "--output", tmp_path / "report"
+        )
+        == 2
+    )
     assert "--overwrite" in capsys.readouterr().err
     assert (tmp_path / "report" / "results.json").read_bytes() == before
 
@@ -397,8 +445,12 @@ def test_cli_skips_metrics_without_weights_and_pairs_across_extensions(tmp_path,
 def test_imagenet_preset_takes_first_images_by_name_centre_cropped(tmp_path):
     # Class sub-folders as in the usual ImageNet val layout; the file names carry the order.
     rng = np.random.default_rng(15)
-    layout = {"n02/ILSVRC2012_val_00000001": (300, 260), "n01/ILSVRC2012_val_00000002": (280, 320),
-              "n01/ILSVRC2012_val_00000003": (256, 256), "n00/ILSVRC2012_val_00000004": (200, 240)}  # fmt: skip
+    layout = {
+        "n02/ILSVRC2012_val_00000001": (300, 260),
+        "n01/ILSVRC2012_val_00000002": (280, 320),
+        "n01/ILSVRC2012_val_00000003": (256, 256),
+        "n00/ILSVRC2012_val_00000004": (200, 240),
+    }
     for name, (height, width) in layout.items():
         image = rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
         _save(image[None], tmp_path / "val", [name], ".JPEG")
@@ -408,8 +460,10 @@ def test_imagenet_preset_takes_first_images_by_name_centre_cropped(tmp_path):
     )
     protocol = evaluation.build_protocol(args)
     assert [sample.key for sample in protocol.samples] == [
-        "n02/ILSVRC2012_val_00000001", "n01/ILSVRC2012_val_00000002", "n01/ILSVRC2012_val_00000003"
-    ]  # fmt: skip
+        "n02/ILSVRC2012_val_00000001",
+        "n01/ILSVRC2012_val_00000002",
+        "n01/ILSVRC2012_val_00000003",
+    ]
     assert protocol.size == 256
     for sample in protocol.samples[:2]:
         prepared = evaluation.prepare_image(Image.open(sample.ground_truth), 256)
@@ -418,14 +472,42 @@ def test_imagenet_preset_takes_first_images_by_name_centre_cropped(tmp_path):
     _save(np.full((1, 256, 256, 3), 128, np.uint8), tmp_path / "res", [protocol.samples[2].key], ".png")
     _save(np.full((1, 256, 256, 3), 128, np.uint8), tmp_path / "res", ["n00/ILSVRC2012_val_00000004"], ".png")
 
-    assert _evaluate("--results", tmp_path / "res", "--ground-truth", tmp_path / "val", "--preset", "imagenet-val",
-                     "--limit", "3") == 0  # fmt: skip
+    assert (
+        _evaluate(
+            "--results",
+            tmp_path / "res",
+            "--ground-truth",
+            tmp_path / "val",
+            "--preset",
+            "imagenet-val",
+            "--limit",
+            "3",
+        )
+        == 0
+    )
     report = json.loads((tmp_path / "res" / "results.json").read_text())
-    assert report["counts"] == {"ground_truth": 3, "pairs": 3, "missing_results": 0, "missing_ground_truth": 0,
-                                "extra_results": 1, "resized_results": 0}  # fmt: skip
+    assert report["counts"] == {
+        "ground_truth": 3,
+        "pairs": 3,
+        "missing_results": 0,
+        "missing_ground_truth": 0,
+        "extra_results": 1,
+        "resized_results": 0,
+    }
     third = np.asarray(evaluation.prepare_image(Image.open(protocol.samples[2].ground_truth), 256))
-    expected_ssim = (1 + 1 + structural_similarity(third, np.full_like(third, 128), channel_axis=-1, data_range=255,
-                     gaussian_weights=True, sigma=1.5, use_sample_covariance=False)) / 3  # fmt: skip
+    expected_ssim = (
+        1
+        + 1
+        + structural_similarity(
+            third,
+            np.full_like(third, 128),
+            channel_axis=-1,
+            data_range=255,
+            gaussian_weights=True,
+            sigma=1.5,
+            use_sample_covariance=False,
+        )
+    ) / 3
     assert report["metrics"]["ssim"]["value"] == pytest.approx(expected_ssim, abs=1e-9)
     assert report["metrics"]["psnr"]["value"] == "inf"  # two identical pairs
 
@@ -442,10 +524,25 @@ def test_coco_stuff_preset_uses_caption_json_and_clip_score(tmp_path, clip_model
     results = _perturb(ground_truth, seed=17)
     _save(ground_truth, tmp_path / "gt", ["x0", "x1", "x2", "unused"], ".jpg")
     _save(results, tmp_path / "res", ["x0", "x1", "x2", "unused"], ".png")
-    captions = {"x0.jpg": ["a red car", "a car"], "x1.jpg": ["blue sky"], "x2.jpg": ["green tree"], "gone.jpg": ["a cup"]}
+    captions = {
+        "x0.jpg": ["a red car", "a car"],
+        "x1.jpg": ["blue sky"],
+        "x2.jpg": ["green tree"],
+        "gone.jpg": ["a cup"],
+    }
     (tmp_path / "captions.json").write_text(json.dumps(captions))
-    status = _evaluate("--results", tmp_path / "res", "--ground-truth", tmp_path / "gt", "--preset", "coco-stuff",
-                       "--captions", tmp_path / "captions.json", "--clip-model", clip_model)  # fmt: skip
+    status = _evaluate(
+        "--results",
+        tmp_path / "res",
+        "--ground-truth",
+        tmp_path / "gt",
+        "--preset",
+        "coco-stuff",
+        "--captions",
+        tmp_path / "captions.json",
+        "--clip-model",
+        clip_model,
+    )
     assert status == 0
     assert "1 images named in --captions are not in --ground-truth: gone" in capsys.readouterr().err
     report = json.loads((tmp_path / "res" / "results.json").read_text())
@@ -504,7 +601,9 @@ class FakePipeline:
     def __call__(self, image, prompt, num_inference_steps, generator, guidance_scale=None):
         assert isinstance(image, Image.Image) and image.mode == "L"
         assert isinstance(generator, torch.Generator)
-        self.calls.append({"size": image.size, "prompt": prompt, "steps": num_inference_steps, "guidance": guidance_scale})
+        self.calls.append(
+            {"size": image.size, "prompt": prompt, "steps": num_inference_steps, "guidance": guidance_scale}
+        )
         tint = torch.rand(3, generator=generator).numpy()
         grey = np.asarray(image, dtype=float)[..., None]
         colour = np.clip(grey * (0.5 + tint), 0, 255).astype(np.uint8)
@@ -520,9 +619,24 @@ def test_run_colourises_missing_results_and_resumes(tmp_path, capsys):
     Image.fromarray(kept).save(tmp_path / "res" / "q.jpg")  # a result already there: to keep, not overwrite
     kept_bytes = (tmp_path / "res" / "q.jpg").read_bytes()
 
-    arguments = ["evaluate", "--results", str(tmp_path / "res"), "--ground-truth", str(tmp_path / "gt"),
-                 "--captions", str(tmp_path / "captions.json"), "--run", "--prompt", "a colorful image",
-                 "--steps", "2", "--guidance-scale", "3.5", "--seed", "5"]  # fmt: skip
+    arguments = [
+        "evaluate",
+        "--results",
+        str(tmp_path / "res"),
+        "--ground-truth",
+        str(tmp_path / "gt"),
+        "--captions",
+        str(tmp_path / "captions.json"),
+        "--run",
+        "--prompt",
+        "a colorful image",
+        "--steps",
+        "2",
+        "--guidance-scale",
+        "3.5",
+        "--seed",
+        "5",
+    ]
     parser = evaluation.argparse.ArgumentParser()
     evaluation.add_arguments(parser)
     fake = FakePipeline()
@@ -548,8 +662,51 @@ def test_run_colourises_missing_results_and_resumes(tmp_path, capsys):
 def test_run_without_the_pipeline_class_or_model_fails_cleanly(tmp_path, capsys):
     _save(_random_images(1, 16, 16, seed=20), tmp_path / "gt", ["a"], ".png")
     (tmp_path / "model").mkdir()
-    status = _evaluate("--results", tmp_path / "res", "--ground-truth", tmp_path / "gt", "--run", "--model", tmp_path / "model")
+    status = _evaluate(
+        "--results", tmp_path / "res", "--ground-truth", tmp_path / "gt", "--run", "--model", tmp_path / "model"
+    )
     assert status == 2
     err = capsys.readouterr().err
     assert "--model: cannot load" in err or "has no LCADPipeline" in err
     assert not (tmp_path / "res").exists() or not os.listdir(tmp_path / "res")
+
+
+# ------------------------------------------------------------------------------------------- --run (real)
+
+
+def test_run_with_the_tiny_pipeline_end_to_end(tmp_path, capsys):
+    from tiny_models import make_tiny_pipeline
+
+    make_tiny_pipeline().save_pretrained(tmp_path / "pipe")
+    ground_truth = _random_images(2, 24, 32, seed=21)
+    _save(ground_truth, tmp_path / "gt", ["a", "b"], ".png")
+    arguments = [
+        "--results",
+        tmp_path / "res",
+        "--ground-truth",
+        tmp_path / "gt",
+        "--run",
+        "--model",
+        tmp_path / "pipe",
+        "--steps",
+        "2",
+        "--device",
+        "cpu",
+    ]
+    assert _evaluate(*arguments) == 0
+    assert "colourised 2 images, kept 0" in capsys.readouterr().out
+    for index, name in enumerate(["a.png", "b.png"]):
+        result = Image.open(tmp_path / "res" / name)
+        assert result.mode == "RGB" and result.size == (32, 24)
+        # The pipeline was fed this image's luminance: its result keeps the structure of the ground truth.
+        grey_in = np.asarray(Image.fromarray(ground_truth[index]).convert("L"), dtype=float).ravel()
+        grey_out = np.asarray(result.convert("L"), dtype=float).ravel()
+        assert np.corrcoef(grey_in, grey_out)[0, 1] > 0.9
+    report = json.loads((tmp_path / "res" / "results.json").read_text())
+    assert report["counts"]["pairs"] == 2 and report["metrics"]["psnr"]["n"] == 2
+
+    # Resuming finds everything done and colourises nothing.
+    stamps = {name: os.stat(tmp_path / "res" / name).st_mtime_ns for name in ["a.png", "b.png"]}
+    assert _evaluate(*arguments, "--overwrite") == 0
+    assert "colourised 0 images, kept 2" in capsys.readouterr().out
+    assert {name: os.stat(tmp_path / "res" / name).st_mtime_ns for name in stamps} == stamps
