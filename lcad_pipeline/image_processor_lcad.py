@@ -111,7 +111,8 @@ def combine_lightness_and_color(lightness: torch.Tensor, rgb: torch.Tensor, bise
         low, high = torch.zeros_like(target), torch.ones_like(target)
         for _ in range(bisection_steps):
             mid = (low + high) / 2
-            fits = ((to_rgb(mid) >= -tolerance) & (to_rgb(mid) <= 1 + tolerance)).all(dim=1, keepdim=True)
+            trial = to_rgb(mid)
+            fits = ((trial >= -tolerance) & (trial <= 1 + tolerance)).all(dim=1, keepdim=True)
             low = torch.where(fits, mid, low)
             high = torch.where(fits, high, mid)
         candidate = torch.where(outside, to_rgb(low), candidate)
