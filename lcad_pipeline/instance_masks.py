@@ -4,7 +4,8 @@
 - `split_prompt_phrases`: the released convention, the prompt's comma-separated parts are the phrases.
 - `find_phrase_token_spans`: each phrase's token positions in the encoded prompt, from the tokenizer's offsets.
 - `resolve_instance_inputs`: the pipeline's `instance_masks` / `phrases` / `masks` arguments -> phrases and specs.
-- `prepare_instance_masks`: mask specs -> float tensor `[P, H, W]` at the working resolution.
+- `check_mask_specs`, `prepare_instance_masks`: validate mask specs; turn them into a float tensor `[P, H, W]` at
+  the working resolution.
 - `assign_regions_to_phrases`: give each phrase one region proposal (e.g. from SAM's automatic mask generator) where
   its cross-attention concentrates, no region twice.
 
@@ -279,6 +280,25 @@ def resize_masks(masks: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     return F.interpolate(masks[:, None], size=tuple(size), mode=mode, **kwargs)[:, 0].clamp(0, 1)
 
 
+def _spec_names(specs: Sequence[Any], phrases: Sequence[str], argument: str) -> list[str]:
+    if len(specs) != len(phrases):
+        raise ValueError(f"`{argument}` has {len(specs)} masks for {len(phrases)} phrases.")
+    if argument == "instance_masks":
+        return [f"`{argument}`[{phrase!r}]" for phrase in phrases]
+    return [f"`{argument}`[{i}] ({phrase!r})" for i, phrase in enumerate(phrases)]
+
+
+def check_mask_specs(specs: Sequence[Any], phrases: Sequence[str], argument: str = "masks") -> None:
+    """Validate mask specs without resizing or segmenting (for a pipeline's `check_inputs`); `None` specs are skipped."""
+    for name, spec in zip(_spec_names(specs, phrases, argument), specs):
+        if spec is None:
+            continue
+        if is_prompt_spec(spec):
+            parse_prompt_spec(spec, name)
+        elif mask_to_tensor(spec, name).max() <= 0:
+            raise ValueError(f"{name}: the mask is empty (all zeros).")
+
+
 def prepare_instance_masks(
     specs: Sequence[Any],
     phrases: Sequence[str],
@@ -292,7 +312,7 @@ def prepare_instance_masks(
     """Mask specs (see the module docstring) -> float tensor `[P, *size]` in [0, 1].
 
     Args:
-        specs: one spec per phrase.
+        specs: one spec per phrase; `None` gives an all-zero mask, a placeholder for a mask chosen later.
         phrases: the phrases (for error messages).
         size: the working resolution `(H, W)` the masks are returned at.
         image_size: the input image's `(H, W)`, the frame of boxes and points (default: `size`).
@@ -300,11 +320,8 @@ def prepare_instance_masks(
         image, segmenter: when given, boxes/points go to `segmenter.segment(image, prompts)` (one mask per prompt,
             at the image's size) instead of being rasterized.
     """
-    if len(specs) != len(phrases):
-        raise ValueError(f"`{argument}` has {len(specs)} masks for {len(phrases)} phrases.")
+    names = _spec_names(specs, phrases, argument)
     image_size = tuple(size) if image_size is None else tuple(image_size)
-    names = [f"`{argument}`[{phrase!r}]" if argument == "instance_masks" else f"`{argument}`[{i}] ({phrase!r})"
-             for i, phrase in enumerate(phrases)]
     prompts = {i: parse_prompt_spec(spec, names[i]) for i, spec in enumerate(specs) if is_prompt_spec(spec)}
     segmented = {}
     if prompts and segmenter is not None:
@@ -314,6 +331,9 @@ def prepare_instance_masks(
         segmented = dict(zip(prompts.keys(), results))
     out = []
     for i, spec in enumerate(specs):
+        if spec is None:
+            out.append(torch.zeros(tuple(size)))  # to be filled later (automatic masks)
+            continue
         if i in segmented:
             mask = mask_to_tensor(segmented[i], names[i])
         elif i in prompts:

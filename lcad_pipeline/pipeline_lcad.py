@@ -12,6 +12,7 @@ diffusers and its sibling files, which `save_pretrained` writes beside it.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -44,6 +45,18 @@ from .image_processor_lcad import (
 )
 from .loading_lcad import check_materialized
 from .unet_lcad import LCADUNet2DConditionModel
+
+# instance-aware sampling (paper Sec. 3.4): see attention_lcad.py and instance_masks.py
+from .attention_lcad import InstanceAttentionGuidance
+from .image_processor_lcad import lightness_to_gray_rgb
+from .instance_masks import (
+    assign_regions_to_phrases,
+    check_mask_specs,
+    find_phrase_token_spans,
+    is_prompt_spec,
+    prepare_instance_masks,
+    resolve_instance_inputs,
+)
 
 
 logger = logging.get_logger(__name__)
@@ -92,9 +105,20 @@ class LCADPipelineOutput(BaseOutput):
             The colourised images at their inputs' sizes: PIL images, a (B, H, W, 3) array or a (B, 3, H, W) tensor in
             [0, 1] (a list when the inputs differ in size), or the final latents for `output_type="latent"`.
             `num_images_per_prompt` results of each input follow one another.
+        phrases (`list[str]`, *optional*):
+            With instance masks: the phrases, in the order of `masks` and `attention_maps`.
+        masks (`torch.Tensor`, *optional*):
+            With instance masks: the masks used, (images, phrases, H, W) float in [0, 1] at the processing size (one
+            set per input image; automatic ones as chosen).
+        attention_maps (`torch.Tensor`, *optional*):
+            With `return_attention_maps`: each phrase's cross-attention, (batch, phrases, h, w) at the latent size,
+            averaged over the refined layers and steps (after the automatic-mask steps, if any).
     """
 
     images: list[PIL.Image.Image] | np.ndarray | torch.Tensor
+    phrases: list[str] | None = None
+    masks: torch.Tensor | None = None
+    attention_maps: torch.Tensor | None = None
 
 
 class LCADPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin, TextualInversionLoaderMixin):
@@ -299,8 +323,17 @@ class LCADPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin, TextualInv
         negative_prompt_embeds,
         output_type,
         callback_on_step_end_tensor_inputs,
+        instance_masks=None,
+        phrases=None,
+        masks=None,
+        instance_guidance=None,
+        segmenter=None,
+        return_attention_maps=False,
     ) -> int:
         """Validate the call's arguments before any work; returns the number of input images."""
+        self.check_instance_inputs(
+            prompt, prompt_embeds, instance_masks, phrases, masks, instance_guidance, segmenter, return_attention_maps
+        )
         if image is None:
             raise ValueError("`image` is required: the grey (or colour) photo to colourise.")
         if not is_valid_image_input(image):
@@ -381,6 +414,111 @@ class LCADPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin, TextualInv
             latents = latents.to(device=device, dtype=dtype)
         return latents * self.scheduler.init_noise_sigma
 
+    # ------------------------------------------------------------------ instance-aware sampling (paper Sec. 3.4)
+
+    instance_guidance_settings = (
+        "strength", "mode", "layers", "resolutions", "step_fraction", "iterations", "reduction", "auto_mask_steps"
+    )
+
+    def check_instance_inputs(
+        self, prompt, prompt_embeds, instance_masks, phrases, masks, instance_guidance, segmenter, return_attention_maps
+    ) -> dict | None:
+        """
+        Validate the instance-aware sampling arguments (see `__call__`); `None` when no phrase is given. Returns the
+        phrases, their mask specs (`None`: automatic), the argument named in errors, the phrases' token positions,
+        the `InstanceAttentionGuidance` settings, the automatic phrases and the steps whose attention chooses them.
+        """
+        if instance_masks is None and phrases is None and masks is None:
+            for name, value in (("instance_guidance", instance_guidance), ("segmenter", segmenter)):
+                if value is not None:
+                    raise ValueError(f"`{name}` needs `instance_masks` (or `phrases` / `masks`).")
+            if return_attention_maps:
+                raise ValueError("`return_attention_maps` needs `instance_masks` (or `phrases` / `masks`).")
+            return None
+        if prompt is None or prompt_embeds is not None:
+            raise ValueError("Instance masks need the text `prompt` (not `prompt_embeds`) to find their phrases in.")
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        if len(set(prompts)) != 1:
+            raise ValueError("Instance masks need one prompt for all images; `prompt` holds different ones.")
+        phrase_list, specs, argument = resolve_instance_inputs(prompts[0], instance_masks, phrases, masks)
+        token_indices = find_phrase_token_spans(
+            self.tokenizer, prompts[0], phrase_list, argument="instance_masks" if instance_masks is not None else "phrases"
+        )
+        specs = [None] * len(phrase_list) if specs is None else specs
+        check_mask_specs(specs, phrase_list, argument)
+        automatic = [p for p, spec in enumerate(specs) if spec is None]
+        if automatic and not hasattr(segmenter, "propose_regions"):
+            raise ValueError(
+                f"`segmenter`: the phrases {[phrase_list[p] for p in automatic]} have no mask; automatic masks need a "
+                "segmenter with region proposals, e.g. `lcad_pipeline.sam_masks.SamSegmenter.from_checkpoint(path)`."
+            )
+        if segmenter is not None and any(is_prompt_spec(spec) for spec in specs) and not hasattr(segmenter, "segment"):
+            raise ValueError("`segmenter` must have a `segment(image, prompts)` method to turn boxes / points into masks.")
+        if instance_guidance is not None and not isinstance(instance_guidance, dict):
+            raise ValueError(f"`instance_guidance` must be a dict of settings {self.instance_guidance_settings}.")
+        settings = dict(instance_guidance or {})
+        unknown = sorted(set(settings) - set(self.instance_guidance_settings))
+        if unknown:
+            raise ValueError(f"`instance_guidance`: unknown settings {unknown}; known: {self.instance_guidance_settings}.")
+        auto_mask_steps = settings.pop("auto_mask_steps", 1)
+        if not isinstance(auto_mask_steps, int) or auto_mask_steps < 1:
+            raise ValueError(f"`instance_guidance`: `auto_mask_steps` must be an integer >= 1, got {auto_mask_steps!r}.")
+        try:
+            InstanceAttentionGuidance(None, token_indices, **settings)
+        except (TypeError, ValueError) as error:
+            raise ValueError(f"`instance_guidance`: {error}") from None
+        return {
+            "phrases": phrase_list,
+            "specs": specs,
+            "argument": argument,
+            "token_indices": token_indices,
+            "settings": settings,
+            "automatic": automatic,
+            "auto_mask_steps": auto_mask_steps,
+        }
+
+    def prepare_instance_guidance(self, checked: dict, lightness, sizes, size, segmenter, return_attention_maps):
+        """
+        The phrases' masks at the processing `size`, `(images, phrases, H, W)` (automatic ones still zero), the region
+        proposals for automatic masks (one `(R, H, W)` tensor per image), and the guidance for the denoising loop.
+        """
+        phrases, automatic = checked["phrases"], checked["automatic"]
+        masks, regions = [], []
+        for lum, image_size in zip(lightness, sizes):
+            masks.append(
+                prepare_instance_masks(
+                    checked["specs"], phrases, size, image_size=image_size, argument=checked["argument"],
+                    image=lightness_to_gray_rgb(lum), segmenter=segmenter,
+                )
+            )
+            if automatic:
+                proposals = segmenter.propose_regions(lightness_to_gray_rgb(self.image_processor.resize(lum, size)))[0]
+                if len(proposals) < len(automatic):
+                    raise ValueError(
+                        f"`segmenter` proposed {len(proposals)} regions for {len(automatic)} phrases without masks; give "
+                        "some phrases masks, boxes or points, or relax the segmenter's thresholds."
+                    )
+                regions.append(proposals.to(torch.float32))
+        masks = torch.stack(masks)
+        guidance = InstanceAttentionGuidance(
+            None if automatic else masks,
+            checked["token_indices"],
+            store_attention_maps=return_attention_maps or bool(automatic),
+            **checked["settings"],
+        )
+        return masks, regions, guidance
+
+    @staticmethod
+    def assign_automatic_masks(guidance, masks, regions, automatic, num_images_per_prompt, return_attention_maps):
+        """Give each automatic phrase the region where its recorded attention concentrates; start refining."""
+        maps = guidance.attention_maps()
+        for k, image_regions in enumerate(regions):
+            chosen = assign_regions_to_phrases(maps[k * num_images_per_prompt, automatic], image_regions)
+            masks[k, automatic] = image_regions[chosen]
+        guidance.set_masks(masks)
+        guidance.store_attention_maps = return_attention_maps
+        guidance.reset_attention_maps()
+
     # ------------------------------------------------------------------ properties used by callbacks
 
     @property
@@ -432,6 +570,12 @@ class LCADPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin, TextualInv
         | MultiPipelineCallbacks
         | None = None,
         callback_on_step_end_tensor_inputs: list[str] | None = None,
+        instance_masks: dict[str, Any] | None = None,
+        phrases: list[str] | None = None,
+        masks: list[Any] | None = None,
+        instance_guidance: dict[str, Any] | None = None,
+        segmenter: Any | None = None,
+        return_attention_maps: bool = False,
     ) -> LCADPipelineOutput | tuple:
         r"""
         Colourise `image` following `prompt`.
@@ -458,6 +602,24 @@ class LCADPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin, TextualInv
             cross_attention_kwargs (`dict`, *optional*): passed to the attention processors (e.g. `{"scale": 0.5}` for LoRA).
             clip_skip (`int`, *optional*): CLIP layers to skip.
             callback_on_step_end, callback_on_step_end_tensor_inputs: as in other diffusers pipelines.
+            instance_masks (`dict[str, mask]`, *optional*):
+                Instance-aware sampling (paper Sec. 3.4): `{phrase: mask}`, each phrase a part of `prompt` whose
+                colour should land on its mask. A mask is a PIL image, numpy array or tensor of any size, a box
+                `(x0, y0, x1, y1)` or points `[(x, y), ...]` in the input's pixels (segmented by `segmenter` if given,
+                else a rectangle / discs), or `None` to have it chosen automatically (needs `segmenter`). See
+                `instance_masks.py`.
+            phrases, masks (`list`, *optional*):
+                The same as parallel lists. `masks` alone follows the release: the prompt's comma-separated parts are
+                the phrases, in order. `phrases` alone: every mask chosen automatically.
+            instance_guidance (`dict`, *optional*):
+                Settings of the attention refinement: `strength` (1.0), `mode` (`"single_pass"`, or `"official"`: the
+                released two-pass algorithm, mean BCE), `reduction` (`"sum"`; `"mean"` is the release's near no-op),
+                `layers`, `resolutions`, `step_fraction`, `iterations` (see `attention_lcad.InstanceAttentionGuidance`),
+                and `auto_mask_steps` (1): automatic masks are chosen from the cross-attention of the first this many
+                steps, which run unrefined.
+            segmenter (*optional*):
+                Masks from boxes / points and automatic masks, e.g. `lcad_pipeline.sam_masks.SamSegmenter`.
+            return_attention_maps (`bool`, defaults to `False`): return each phrase's cross-attention maps.
 
         Returns:
             [`LCADPipelineOutput`] or a tuple `(images,)`.
@@ -476,6 +638,15 @@ class LCADPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin, TextualInv
             negative_prompt_embeds,
             output_type,
             callback_on_step_end_tensor_inputs,
+            instance_masks=instance_masks,
+            phrases=phrases,
+            masks=masks,
+            instance_guidance=instance_guidance,
+            segmenter=segmenter,
+            return_attention_maps=return_attention_maps,
+        )
+        instance_inputs = self.check_instance_inputs(
+            prompt, prompt_embeds, instance_masks, phrases, masks, instance_guidance, segmenter, return_attention_maps
         )
         if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
             callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
@@ -522,6 +693,15 @@ class LCADPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin, TextualInv
         else:
             encoder_hidden_states = prompt_embeds
 
+        # 3b. Instance-aware sampling: the phrases' masks and the cross-attention guidance around the denoising loop.
+        guidance = None
+        instance_context = contextlib.nullcontext()
+        if instance_inputs is not None:
+            instance_masks_used, regions, guidance = self.prepare_instance_guidance(
+                instance_inputs, lightness, sizes, (height, width), segmenter, return_attention_maps
+            )
+            instance_context = guidance.attached(self.unet, self.do_classifier_free_guidance)
+
         # 4. Noise and schedule.
         timesteps, num_inference_steps = retrieve_timesteps(self.scheduler, num_inference_steps, device, timesteps, sigmas)
         batch_size = num_images * num_images_per_prompt
@@ -533,20 +713,33 @@ class LCADPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin, TextualInv
         # 5. Denoising.
         num_warmup_steps = len(timesteps) - num_inference_steps * self.scheduler.order
         self._num_timesteps = len(timesteps)
-        with self.progress_bar(total=num_inference_steps) as progress_bar:
+        with self.progress_bar(total=num_inference_steps) as progress_bar, instance_context:
             for i, t in enumerate(timesteps):
                 if self.interrupt:
                     continue
                 latent_model_input = torch.cat([latents] * 2) if self.do_classifier_free_guidance else latents
                 latent_model_input = self.scheduler.scale_model_input(latent_model_input, t)
-                noise_pred = self.unet(
-                    latent_model_input,
-                    t,
-                    encoder_hidden_states=encoder_hidden_states,
-                    luminance=unet_luminance,
-                    cross_attention_kwargs=self.cross_attention_kwargs,
-                    return_dict=False,
-                )[0]
+
+                def predict_noise():
+                    return self.unet(
+                        latent_model_input,
+                        t,
+                        encoder_hidden_states=encoder_hidden_states,
+                        luminance=unet_luminance,
+                        cross_attention_kwargs=self.cross_attention_kwargs,
+                        return_dict=False,
+                    )[0]
+
+                if guidance is None:
+                    noise_pred = predict_noise()
+                else:  # instance-aware sampling: one UNet pass ("official" mode: two)
+                    guidance.set_step(i, len(timesteps))
+                    noise_pred = guidance.run_unet(predict_noise)
+                    if regions and i == min(instance_inputs["auto_mask_steps"], len(timesteps)) - 1:
+                        self.assign_automatic_masks(
+                            guidance, instance_masks_used, regions, instance_inputs["automatic"],
+                            num_images_per_prompt, return_attention_maps,
+                        )
                 if self.do_classifier_free_guidance:
                     noise_pred_uncond, noise_pred_text = noise_pred.chunk(2)
                     noise_pred = noise_pred_uncond + self.guidance_scale * (noise_pred_text - noise_pred_uncond)
@@ -590,7 +783,14 @@ class LCADPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin, TextualInv
         self.maybe_free_model_hooks()
         if not return_dict:
             return (images,)
-        return LCADPipelineOutput(images=images)
+        if guidance is None:
+            return LCADPipelineOutput(images=images)
+        return LCADPipelineOutput(
+            images=images,
+            phrases=instance_inputs["phrases"],
+            masks=instance_masks_used,
+            attention_maps=guidance.attention_maps() if return_attention_maps else None,
+        )
 
 
 def _relative_import_closure(path: Path) -> list[str]:

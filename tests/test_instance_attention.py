@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -288,3 +289,130 @@ def test_token_index_beyond_encoding_raises(unet):
     guidance = InstanceAttentionGuidance(make_masks(), [[2], [80]])
     with pytest.raises(ValueError, match="token_indices"):
         run(unet, guidance, make_inputs())
+
+
+# ---------------------------------------------------------------------------------------------- pipeline level
+
+PROMPT = "a red car and a blue cup"
+STEPS = 3
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    from tiny_models import make_tiny_pipeline
+
+    return make_tiny_pipeline()
+
+
+@pytest.fixture(scope="module")
+def gray():
+    rng = np.random.RandomState(0)
+    return (rng.rand(40, 48) * 0.6 + 0.2).astype(np.float32)
+
+
+def left_half(height=40, width=48):
+    mask = np.zeros((height, width), dtype=bool)
+    mask[:, : width // 2] = True
+    return mask
+
+
+def colourise(pipe, image, prompt=PROMPT, seed=0, **kwargs):
+    kwargs.setdefault("num_inference_steps", STEPS)
+    return pipe(image, prompt, generator=torch.Generator().manual_seed(seed), output_type="np", **kwargs)
+
+
+@pytest.mark.parametrize("mode", ["single_pass", "official"])
+def test_pipeline_strength_zero_equals_plain_sampling_exactly(pipe, gray, mode):
+    plain_out = colourise(pipe, gray)
+    out = colourise(
+        pipe, gray, instance_masks={"a red car": left_half(), "a blue cup": (24, 0, 48, 40)},
+        instance_guidance={"strength": 0.0, "mode": mode},
+    )
+    assert np.array_equal(out.images, plain_out.images)
+    # the masks used come back at the processing size (40 x 48 -> 26 x 32 at 32 px), the box in the input's frame
+    assert out.phrases == ["a red car", "a blue cup"]
+    assert out.masks.shape == (1, 2, 26, 32)
+    assert out.masks[0, 0, :, :16].min() == 1 and out.masks[0, 0, :, 16:].max() == 0
+    assert out.masks[0, 1, :, 16:].min() == 1 and out.masks[0, 1, :, :16].max() == 0
+    assert out.attention_maps is None
+
+
+def test_pipeline_refinement_moves_attention_into_masks(pipe, gray):
+    masks = {"a red car": left_half(), "a blue cup": ~left_half()}
+    plain_out = colourise(pipe, gray)
+    shares, images = {}, {}
+    for strength in (0.0, 1.0):
+        out = colourise(pipe, gray, instance_masks=masks, instance_guidance={"strength": strength}, return_attention_maps=True)
+        assert out.attention_maps.shape == (1, 2, 13, 16)  # the latent size
+        inside = F.interpolate(out.masks, size=(13, 16), mode="nearest")
+        shares[strength] = ((out.attention_maps * inside).sum((-1, -2)) / out.attention_maps.sum((-1, -2)))[0]
+        images[strength] = out.images
+    assert (shares[1.0] > shares[0.0] + 0.05).all(), shares
+    assert np.abs(images[1.0] - plain_out.images).max() > 1e-3  # a visible change in the colours
+    np.testing.assert_allclose(images[0.0], plain_out.images, atol=1e-4)  # the explicit attention path alone
+
+
+def test_pipeline_official_mode_runs_two_unet_passes_per_step(pipe, gray):
+    calls = []
+    hook = pipe.unet.register_forward_pre_hook(lambda *args: calls.append(1))
+    try:
+        plain_out = colourise(pipe, gray)
+        plain_calls = len(calls)
+        out = colourise(pipe, gray, instance_masks={"a red car": left_half()}, instance_guidance={"mode": "official"})
+    finally:
+        hook.remove()
+    assert plain_calls == STEPS and len(calls) - plain_calls == 2 * STEPS
+    difference = np.abs(out.images - plain_out.images).max()
+    assert 0 < difference < 1e-2  # the released mean reduction: a near no-op
+
+
+def test_pipeline_released_comma_convention_and_batches(pipe, gray):
+    prompt = "a red car, a blue cup"
+    wide = np.concatenate([gray, gray[:, ::-1]], axis=1)  # a second image of another size
+    out = colourise(
+        pipe, [gray, wide], prompt=prompt, masks=[left_half(), (0, 0, 10, 10)], num_images_per_prompt=2,
+        return_attention_maps=True,
+    )
+    assert out.phrases == ["a red car", "a blue cup"]
+    assert out.masks.shape == (2, 2, 26, 32) and out.attention_maps.shape == (4, 2, 13, 16)
+    assert out.images[0].shape == (40, 48, 3) and out.images[2].shape == (40, 96, 3)
+    # mask arrays are stretched over each image (both are squashed to the processing size); boxes are in each
+    # image's own pixels, so the same box covers half as much of the twice as wide image
+    assert out.masks[0, 0, :, :16].min() == 1 and torch.equal(out.masks[0, 0], out.masks[1, 0])
+    assert out.masks[0, 1].sum().item() == pytest.approx(2 * out.masks[1, 1].sum().item(), rel=0.05)
+
+
+def test_pipeline_restores_processors_after_an_error(pipe, gray):
+    before = pipe.unet.attn_processors
+
+    def fail(pipeline, step, timestep, kwargs):
+        raise RuntimeError("stop")
+
+    with pytest.raises(RuntimeError, match="stop"):
+        colourise(pipe, gray, instance_masks={"a red car": left_half()}, callback_on_step_end=fail)
+    after = pipe.unet.attn_processors
+    assert all(after[name] is before[name] for name in before)
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(prompt="a red car, a blue cup", masks=[left_half()]), "`masks` has 1 entries but the prompt has 2"),
+        (dict(phrases=["a red car"], masks=[left_half(), left_half()]), "`masks` has 2 entries but `phrases` has 1"),
+        (dict(instance_masks={"a green tree": left_half()}), "`instance_masks`: phrase 'a green tree' was not found"),
+        (dict(phrases=["a green tree"], masks=[left_half()]), "`phrases`: phrase 'a green tree' was not found"),
+        (dict(instance_masks={"a red car": np.zeros((8, 8))}), r"`instance_masks`\['a red car'\]: the mask is empty"),
+        (dict(instance_masks={"a red car": np.ones((8, 8, 3))}), r"`instance_masks`\['a red car'\]: a mask must be H x W"),
+        (dict(instance_masks={"a red car": None}), "`segmenter`: the phrases"),
+        (dict(phrases=["a red car"]), "`segmenter`"),
+        (dict(instance_masks={"a red car": left_half()}, instance_guidance={"strenght": 2}), "`instance_guidance`: unknown"),
+        (dict(instance_masks={"a red car": left_half()}, instance_guidance={"mode": "x"}), "`instance_guidance`: `mode`"),
+        (dict(instance_guidance={"strength": 2.0}), "`instance_guidance` needs `instance_masks`"),
+        (dict(return_attention_maps=True), "`return_attention_maps` needs"),
+        (dict(prompt=None, instance_masks={"a red car": left_half()}), "need the text `prompt`"),
+    ],
+)
+def test_pipeline_bad_instance_inputs_raise_naming_the_argument(pipe, gray, kwargs, match):
+    kwargs = {"prompt": PROMPT, **kwargs}
+    with pytest.raises(ValueError, match=match):
+        pipe(gray, num_inference_steps=1, output_type="np", **kwargs)

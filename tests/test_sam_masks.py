@@ -171,3 +171,56 @@ def test_segment_anything_loaded_without_its_torchvision_imports():
     import sys
 
     assert not any(name.endswith(("segment_anything.predictor", "segment_anything.automatic_mask_generator")) for name in sys.modules)
+
+
+# ---------------------------------------------------------------------------------------------- pipeline level
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    from tiny_models import make_tiny_pipeline
+
+    return make_tiny_pipeline()
+
+
+def _colourise(pipe, image, **kwargs):
+    kwargs.setdefault("num_inference_steps", 3)
+    return pipe(image, "a red car and a blue cup", generator=torch.Generator().manual_seed(0), output_type="np", **kwargs)
+
+
+def test_pipeline_box_through_sam(pipe, checkpoint, image):
+    from lcad_pipeline.image_processor_lcad import lightness_to_gray_rgb
+
+    segmenter = SamSegmenter.from_checkpoint(checkpoint, TINY_SAM)
+    box = (6, 8, 22, 30)
+    out = _colourise(pipe, image, instance_masks={"a red car": box}, segmenter=segmenter)
+    # what SAM gives for the box on the grey input, at the processing size (48 x 40 -> 32 x 26)
+    gray = lightness_to_gray_rgb(pipe.image_processor.lightness(image)[0])
+    expected = segmenter.segment(gray, [{"box": np.array(box, dtype=np.float32), "points": None, "labels": None}])[0]
+    expected = torch.nn.functional.interpolate(torch.from_numpy(expected).float()[None, None], size=(32, 26), mode="area")
+    torch.testing.assert_close(out.masks, expected)
+
+
+def test_pipeline_automatic_masks_from_attention_and_sam_proposals(pipe, checkpoint, image):
+    from lcad_pipeline.image_processor_lcad import lightness_to_gray_rgb
+
+    segmenter = SamSegmenter.from_checkpoint(checkpoint, TINY_SAM, box_nms_thresh=1.0, **PERMISSIVE)
+    phrases = ["a red car", "a blue cup"]
+    out = _colourise(pipe, image, phrases=phrases, segmenter=segmenter)
+    assert out.phrases == phrases and out.masks.shape == (1, 2, 32, 26)
+
+    # the proposals SAM makes for the grey image at the processing size ...
+    lightness = pipe.image_processor.lightness(image)[0]
+    regions, _ = segmenter.propose_regions(lightness_to_gray_rgb(pipe.image_processor.resize(lightness, (32, 26))))
+    # ... and the phrases' cross-attention in the first (unrefined) step, recorded here by a run that does not refine
+    probe = _colourise(pipe, image, instance_masks={p: np.ones((4, 4)) for p in phrases},
+                       instance_guidance={"strength": 0.0}, num_inference_steps=1, return_attention_maps=True)
+    chosen = assign_regions_to_phrases(probe.attention_maps[0], regions)
+    assert len(set(chosen)) == 2
+    assert torch.equal(out.masks[0], regions[chosen].float())
+
+    # refinement starts after the choice: choosing at the last step leaves the whole run unrefined
+    plain = _colourise(pipe, image)
+    late = _colourise(pipe, image, phrases=phrases, segmenter=segmenter, instance_guidance={"auto_mask_steps": 3})
+    assert np.abs(late.images - plain.images).max() < 1e-3  # explicit attention's rounding only
+    assert np.abs(out.images - plain.images).max() > 5e-3
