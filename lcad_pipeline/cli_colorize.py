@@ -461,6 +461,24 @@ def instance_masks_for(task: Task) -> dict[str, Any] | None:
     return specs
 
 
+def automatic_phrases(prompt: str, given: Sequence[str]) -> list[str]:
+    """`--auto-masks`: the description's comma-separated parts that no given phrase lies in (those get SAM masks)."""
+    from .instance_masks import split_prompt_phrases
+
+    if not prompt.strip():
+        return []
+    return [part for part in split_prompt_phrases(prompt) if not any(_phrase_in_prompt(g, part) for g in given)]
+
+
+def instance_arguments(task: Task, auto_masks: bool) -> dict[str, Any]:
+    """The pipeline's instance-aware arguments for `task`: `instance_masks` (`None` specs are found automatically)."""
+    specs = instance_masks_for(task) or {}
+    automatic = automatic_phrases(task.prompt, list(specs)) if auto_masks else []
+    if not specs and not automatic:
+        return {}
+    return {"instance_masks": {**specs, **{phrase: None for phrase in automatic}}}
+
+
 # ---------------------------------------------------------------------------------------------------- model
 
 
@@ -571,7 +589,7 @@ def check_instance_support(call_parameters: set[str], needs_masks: bool, needs_a
     """Refuse mask options the installed pipeline cannot honour, instead of silently ignoring them."""
     if needs_masks and "instance_masks" not in call_parameters:
         raise UsageError(f"{source}: phrase masks, boxes and points are not available in this version of lcad_pipeline.")
-    if needs_auto and "phrases" not in call_parameters:
+    if needs_auto and not {"instance_masks", "segmenter"} <= call_parameters:
         raise UsageError("--auto-masks is not available in this version of lcad_pipeline.")
     if needs_segmenter and "segmenter" not in call_parameters:
         raise UsageError("--sam-checkpoint is not available in this version of lcad_pipeline.")
@@ -736,6 +754,8 @@ def _run(args: argparse.Namespace) -> int:
 
     if args.auto_masks and args.sam_checkpoint is None:
         raise UsageError("--auto-masks needs --sam-checkpoint (SAM proposes the regions the phrases are matched to).")
+    if args.sam_checkpoint is not None and not args.sam_checkpoint.is_file():
+        raise UsageError(f"--sam-checkpoint {str(args.sam_checkpoint)!r}: no such file.")
     tasks, ignored, warnings = plan(args)
     needs_masks = any(t.entry is not None and t.entry.has_instances for t in tasks)
     check_instance_support(
@@ -756,9 +776,12 @@ def _run(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
     pipe = segmenter = None
+    needs_segmenter = args.auto_masks or any(t.entry is not None and (t.entry.boxes or t.entry.points) for t in todo)
+    if args.sam_checkpoint is not None and not needs_segmenter and todo:
+        print("warning: --sam-checkpoint is not used: no image to do has boxes or points, and --auto-masks is off.", file=sys.stderr)
     if todo:
         pipe = load_pipeline(args.model, device, dtype, args.scheduler)
-        if args.sam_checkpoint is not None:
+        if args.sam_checkpoint is not None and needs_segmenter:
             segmenter = load_segmenter(args.sam_checkpoint, args.sam_model_type, device)
 
     started = _dt.datetime.now().astimezone()
@@ -802,7 +825,7 @@ def _run(args: argparse.Namespace) -> int:
                 "seed": t.seed,
                 "prompt": t.prompt,
                 **({"negative_prompt": t.negative_prompt} if t.negative_prompt is not None else {}),
-                **({"instances": sorted({*t.entry.boxes, *t.entry.points, *t.entry.masks})} if t.entry and t.entry.has_instances else {}),
+                **_instances_record(t, args.auto_masks),
                 "status": t.status,
                 **({"error": t.error} if t.error else {}),
             }
@@ -849,6 +872,17 @@ def _run(args: argparse.Namespace) -> int:
     return 1 if counts["failed"] else 0
 
 
+def _instances_record(task: Task, auto_masks: bool) -> dict[str, Any]:
+    given = list(dict.fromkeys([*task.entry.boxes, *task.entry.points, *task.entry.masks])) if task.entry else []
+    automatic = automatic_phrases(task.prompt, given) if auto_masks else []
+    record: dict[str, Any] = {}
+    if given:
+        record["phrase_regions"] = given
+    if automatic:
+        record["automatic_masks"] = automatic
+    return record
+
+
 def _argv_from(args: argparse.Namespace) -> list[str]:
     """The command line equivalent to `args`, every setting spelled out (to repeat the run from its record)."""
     argv = [*args.inputs, "-o", str(args.output_dir), "--model", str(args.model)]
@@ -878,7 +912,6 @@ def _colourise(pipe, segmenter, todo: list[Task], args, steps, resolution, run_r
     import torch
     from tqdm.auto import tqdm
 
-    call_parameters = pipeline_call_parameters(pipe)
     bar = tqdm(todo, desc="colourising", unit="image", file=sys.stderr, disable=args.no_progress, dynamic_ncols=True)
     for task in bar:
         bar.set_postfix_str(task.relative.as_posix()[-40:], refresh=False)
@@ -889,19 +922,8 @@ def _colourise(pipe, segmenter, todo: list[Task], args, steps, resolution, run_r
             tqdm.write(f"failed: {task.given_as}: {task.error}", file=sys.stderr)
             continue
         try:
-            kwargs: dict[str, Any] = {}
-            instances = instance_masks_for(task)
-            if instances:
-                kwargs["instance_masks"] = instances
-            if args.auto_masks and task.prompt.strip():
-                from .instance_masks import split_prompt_phrases
-
-                missing = [p for p in split_prompt_phrases(task.prompt) if not instances or p not in instances]
-                if missing and not instances:
-                    kwargs["phrases"] = missing
-                elif missing:
-                    kwargs["instance_masks"] = {**instances, **{p: None for p in missing}}
-            if segmenter is not None and "segmenter" in call_parameters:
+            kwargs = instance_arguments(task, args.auto_masks)
+            if kwargs and segmenter is not None:
                 kwargs["segmenter"] = segmenter
             generator = torch.Generator(device="cpu").manual_seed(task.seed)
             result = pipe(

@@ -130,18 +130,15 @@ def parse_regions(boxes: Any, points: Any, prompt: str, image_size: tuple[int, i
     return regions
 
 
-def region_masks(image, regions: dict[str, Any], segmenter=None) -> list[tuple[Any, str]]:
-    """`(mask [H, W] float in [0, 1], phrase)` for each region at the photo's size, as the pipeline would build it."""
-    if not regions:
+def masks_at_size(output: Any, size: tuple[int, int]) -> list[tuple[Any, str]]:
+    """The masks the pipeline used (`output.masks`, at the processing size) as `(mask [H, W], phrase)` at `size`."""
+    masks, phrases = getattr(output, "masks", None), getattr(output, "phrases", None)
+    if masks is None or not phrases:
         return []
-    from .instance_masks import prepare_instance_masks
+    import torch.nn.functional as F
 
-    size = (image.size[1], image.size[0])
-    masks = prepare_instance_masks(
-        list(regions.values()), list(regions), size=size, image_size=size, argument="instance_masks",
-        image=image, segmenter=segmenter,
-    )
-    return [(mask.numpy(), phrase) for mask, phrase in zip(masks, regions)]
+    resized = F.interpolate(masks[0][:, None].float().cpu(), size=(size[1], size[0]), mode="bilinear", align_corners=False)
+    return [(mask[0].clamp(0, 1).numpy(), phrase) for mask, phrase in zip(resized, phrases)]
 
 
 def draw_regions(image, boxes: Any, points: Any):
@@ -241,7 +238,7 @@ def build_demo(
     def clear_points(photo, boxes):
         return [], refresh_preview(photo, boxes, [])
 
-    def colourise(photo, prompt, boxes, points, steps, guidance, seed):
+    def colourise(photo, prompt, boxes, points, steps, guidance, seed, auto_masks=False):
         if photo is None:
             raise gr.Error("Upload a photo first.")
         prompt = prompt or ""
@@ -249,31 +246,41 @@ def build_demo(
             regions = parse_regions(boxes, points, prompt, image_size=photo.size)
         except RegionError as error:
             raise gr.Error(str(error)) from None
+        specs: dict[str, Any] = dict(regions)
+        if auto_masks and segmenter is not None:
+            from .cli_colorize import _phrase_in_prompt as occurs
+            from .instance_masks import split_prompt_phrases
+
+            parts = split_prompt_phrases(prompt) if prompt.strip() else []
+            specs.update({part: None for part in parts if not any(occurs(given, part) for given in regions)})
         kwargs: dict[str, Any] = {}
-        if regions:
+        if specs:
             if not regions_supported:
                 raise gr.Error("Phrase regions (boxes and points) are not available in this version of lcad_pipeline; clear them to colourise.")
-            kwargs["instance_masks"] = regions
-            if segmenter is not None and "segmenter" in call_parameters:
+            kwargs["instance_masks"] = specs
+            if segmenter is not None:
                 kwargs["segmenter"] = segmenter
         try:
             seed_value = int(seed or 0)
             generator = torch.Generator(device="cpu").manual_seed(seed_value)
-            result = pipe(
+            output = pipe(
                 photo,
                 prompt=prompt.strip() or None,
                 num_inference_steps=int(steps),
                 guidance_scale=float(guidance),
                 generator=generator,
                 **kwargs,
-            ).images[0]
-            overlays = region_masks(photo, regions, kwargs.get("segmenter"))
+            )
         except ValueError as error:
             raise gr.Error(str(error)) from None
+        result = output.images[0]
         note = f"{result.size[0]}x{result.size[1]}, seed {seed_value}, {int(steps)} steps, guidance {float(guidance):g}"
-        if regions:
-            note += f"; regions: {', '.join(regions)}" + (" (SAM)" if segmenter is not None else "")
-        return result, (result, overlays), note
+        if specs:
+            automatic = [p for p, spec in specs.items() if spec is None]
+            note += f"; phrases with masks: {', '.join(specs)}" + (" (SAM)" if segmenter is not None else "")
+            if automatic:
+                note += f"; found automatically: {', '.join(automatic)}"
+        return result, (result, masks_at_size(output, result.size)), note
 
     # No usage analytics leave the machine: people upload family photos.
     with gr.Blocks(title=title, analytics_enabled=False) as demo:
@@ -316,6 +323,10 @@ def build_demo(
                         headers=POINT_HEADERS, datatype=["str", "number", "number"], type="array", label="Points",
                         interactive=True, elem_id="lcad-points",
                     )
+                    auto_masks = gr.Checkbox(
+                        value=False, label="Find masks automatically for the other phrases of the description (SAM)",
+                        visible=segmenter is not None and regions_supported, elem_id="lcad-auto-masks",
+                    )
                 with gr.Row():
                     steps = gr.Slider(1, 100, value=steps_default, step=1, label="Steps", elem_id="lcad-steps")
                     guidance = gr.Slider(0, 15, value=5.0, step=0.5, label="Guidance", elem_id="lcad-guidance")
@@ -334,8 +345,9 @@ def build_demo(
         prompt.change(phrase_choices, prompt, point_phrase)
         preview.select(add_point, [points, point_phrase, photo, boxes], [points, preview])
         clear.click(clear_points, [photo, boxes], [points, preview])
-        run.click(colourise, [photo, prompt, boxes, points, steps, guidance, seed], [result, overlay, status])
-        prompt.submit(colourise, [photo, prompt, boxes, points, steps, guidance, seed], [result, overlay, status])
+        inputs = [photo, prompt, boxes, points, steps, guidance, seed, auto_masks]
+        run.click(colourise, inputs, [result, overlay, status])
+        prompt.submit(colourise, inputs, [result, overlay, status])
     return demo
 
 

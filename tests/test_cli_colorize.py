@@ -322,3 +322,99 @@ def test_a_failed_save_leaves_no_partial_file(tmp_path, monkeypatch):
     with pytest.raises(OSError, match="disk full"):
         cli_colorize.save_image_atomically(image, target, {})
     assert os.listdir(tmp_path / "out") == []
+
+
+# ---------------------------------------------------------------------------------------------- phrase regions
+
+TINY_SAM = dict(
+    image_size=64, patch_size=8, prompt_embed_dim=32, window_size=0, use_rel_pos=False, mlp_ratio=2, mask_in_chans=4,
+    decoder_depth=1, decoder_mlp_dim=32, decoder_num_heads=2, iou_head_depth=2, iou_head_hidden_dim=16,
+    encoder_embed_dim=32, encoder_depth=1, encoder_num_heads=2, encoder_global_attn_indexes=(),
+)
+
+
+def test_phrase_boxes_points_and_mask_files_reach_the_pipeline(photos, model_dir, tmp_path, capsys):
+    (photos / "scan_broken.jpg").unlink()
+    mask = Image.new("L", (45, 60), 0)
+    mask.paste(255, (20, 30, 45, 60))
+    mask.save(tmp_path / "cup.png")
+    with_regions = {
+        "grandma.jpg": {"prompt": "a red car, a blue cup", "boxes": {"a red car": [0, 0, 20, 30]}, "masks": {"a blue cup": "cup.png"}},
+        "garden.png": {"prompt": "a green tree", "points": {"a green tree": [[10, 10], [20, 20]]}},
+    }
+    without = {name: entry["prompt"] for name, entry in with_regions.items()}
+    outputs = {}
+    for name, prompts in (("regions", with_regions), ("plain", without)):
+        (tmp_path / f"{name}.json").write_text(json.dumps(prompts))
+        status, stdout, stderr = _colorize(
+            capsys, str(photos), "-o", str(tmp_path / name), "--model", str(model_dir), "--prompts", str(tmp_path / f"{name}.json")
+        )
+        assert status == 0, stderr
+        assert _summary(stdout) == (3, 0, 1, 0)
+        outputs[name] = _bytes(tmp_path / name)
+    assert outputs["regions"]["grandma.png"] != outputs["plain"]["grandma.png"]
+    assert outputs["regions"]["garden.png"] != outputs["plain"]["garden.png"]
+    assert outputs["regions"]["holiday/beach.png"] == outputs["plain"]["holiday/beach.png"]  # no entry: no regions
+    run = json.loads((tmp_path / "regions" / "lcad_run.json").read_text())["runs"][0]
+    by_output = {f["output"]: f for f in run["files"] if "output" in f}
+    assert by_output["grandma.png"]["phrase_regions"] == ["a red car", "a blue cup"]
+    assert by_output["garden.png"]["phrase_regions"] == ["a green tree"]
+    assert "phrase_regions" not in by_output["holiday/beach.png"]
+
+
+def test_sam_checkpoint_segments_boxes_and_finds_automatic_masks(photos, model_dir, tmp_path, capsys, monkeypatch):
+    import torch
+
+    from lcad_pipeline import sam_masks
+
+    (photos / "scan_broken.jpg").unlink()
+    monkeypatch.setitem(sam_masks.SAM_CONFIGS, "vit_b", TINY_SAM)  # a tiny SAM under the released name
+    torch.manual_seed(0)
+    checkpoint = tmp_path / "sam_vit_b_tiny.pth"
+    torch.save(sam_masks.build_sam("vit_b").state_dict(), checkpoint)
+    real_loader, loaded = cli_colorize.load_segmenter, []
+
+    def permissive_loader(*args, **kwargs):  # random SAM weights pass no quality threshold
+        segmenter = real_loader(*args, **kwargs)
+        segmenter.pred_iou_thresh = segmenter.stability_score_thresh = 0.0
+        segmenter.points_per_side, segmenter.box_nms_thresh = 6, 1.0
+        loaded.append(segmenter)
+        return segmenter
+
+    monkeypatch.setattr(cli_colorize, "load_segmenter", permissive_loader)
+    prompts = tmp_path / "p.json"
+    prompts.write_text(json.dumps({"grandma.jpg": {"prompt": "a red car, a blue cup", "boxes": {"a red car": [0, 0, 20, 30]}}}))
+    out = tmp_path / "out"
+    status, stdout, stderr = _colorize(
+        capsys, str(photos), "-o", str(out), "--model", str(model_dir), "--prompts", str(prompts),
+        "--prompt", "a red car, a green tree", "--sam-checkpoint", str(checkpoint), "--auto-masks",
+    )
+    assert status == 0, stderr
+    assert _summary(stdout) == (3, 0, 1, 0) and len(loaded) == 1
+    run = json.loads((out / "lcad_run.json").read_text())["runs"][0]
+    by_output = {f["output"]: f for f in run["files"] if "output" in f}
+    assert by_output["grandma.png"]["phrase_regions"] == ["a red car"]
+    assert by_output["grandma.png"]["automatic_masks"] == ["a blue cup"]
+    assert by_output["garden.png"]["automatic_masks"] == ["a red car", "a green tree"]
+
+    # The architecture comes from the file name; otherwise --sam-model-type must say it.
+    renamed = tmp_path / "my_sam.pth"
+    renamed.write_bytes(checkpoint.read_bytes())
+    status, _, stderr = _colorize(
+        capsys, str(photos), "-o", str(tmp_path / "out2"), "--model", str(model_dir), "--prompt", "a red car",
+        "--sam-checkpoint", str(renamed), "--auto-masks",
+    )
+    assert status == 2 and "--sam-model-type" in stderr
+
+
+def test_mask_options_are_refused_by_a_pipeline_without_them():
+    from lcad_pipeline.cli_colorize import check_instance_support
+
+    plain = {"image", "prompt", "generator"}
+    with pytest.raises(UsageError, match="not available in this version"):
+        check_instance_support(plain, needs_masks=True, needs_auto=False, needs_segmenter=False, source="--prompts 'p.json'")
+    with pytest.raises(UsageError, match="--auto-masks is not available"):
+        check_instance_support(plain, needs_masks=False, needs_auto=True, needs_segmenter=False, source="--prompts")
+    with pytest.raises(UsageError, match="--sam-checkpoint is not available"):
+        check_instance_support(plain | {"instance_masks"}, needs_masks=True, needs_auto=False, needs_segmenter=True, source="--prompts")
+    check_instance_support(plain | {"instance_masks", "segmenter"}, needs_masks=True, needs_auto=True, needs_segmenter=True, source="--prompts")

@@ -112,7 +112,8 @@ def test_regions_need_a_pipeline_that_takes_them(model_dir):
     if "instance_masks" in cli_demo.inspect.signature(pipe.__call__).parameters:
         result, (base, overlays), note = handler(photo, "a red car", [["a red car", 0, 0, 20, 16]], None, 2, 5.0, 0)
         assert result.size == (40, 32) and [phrase for _, phrase in overlays] == ["a red car"]
-        assert overlays[0][0][:16, :20].min() > 0.5 and overlays[0][0][20:, 25:].max() < 0.5
+        assert overlays[0][0].shape == (32, 40)
+        assert overlays[0][0][2:14, 2:18].min() > 0.5 and overlays[0][0][20:, 25:].max() < 0.5
     else:
         import gradio as gr
 
