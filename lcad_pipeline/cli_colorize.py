@@ -7,9 +7,10 @@
 Why it works the way it does (people run it on folders of family photos and archive scans, once, unattended):
 
 - Inputs are files or folders (walked recursively, in sorted order). Images PIL reads (.jpg .jpeg .png .bmp .tif
-  .tiff .webp, any case) are colourised; other files are *ignored* and counted; an image that cannot be read or
-  colourised is reported, counted as *failed*, and the run goes on. The exit status is 1 when any failed, 2 for a
-  command-line problem found before any work (nothing is written then), 130 when interrupted.
+  .tiff .webp, any case) are colourised; other files, and hidden ones such as macOS's `._photo.jpg`, are *ignored*
+  and counted (hidden folders such as `.git` are not entered); an image that cannot be read or colourised is
+  reported, counted as *failed*, and the run goes on. The exit status is 1 when any failed, 2 for a command-line
+  problem found before any work (nothing is written then), 130 when interrupted.
 - Each output keeps its input's size (as displayed: EXIF rotation is applied) and its path relative to the input
   folder (a file given directly: its name), under OUTDIR, as PNG by default (`--format png|jpg|same`).
 - Inputs are never written to. OUTDIR may not be an input folder, lie inside one, or be the folder of an input file
@@ -195,10 +196,10 @@ def collect_inputs(inputs: Sequence[str]) -> tuple[list[tuple[Path, PurePosixPat
         path = Path(given)
         if path.is_dir():
             for root, dirs, files in os.walk(path):
-                dirs.sort()
+                dirs[:] = sorted(d for d in dirs if not d.startswith("."))  # .git, .thumbnails, ...
                 for name in sorted(files):
                     file = Path(root) / name
-                    if not is_supported_image(file):
+                    if name.startswith(".") or not is_supported_image(file):  # incl. macOS "._photo.jpg" files
                         ignored.append(file)
                         continue
                     relative = PurePosixPath(file.relative_to(path).as_posix())
@@ -765,6 +766,8 @@ def _run(args: argparse.Namespace) -> int:
         needs_segmenter=args.sam_checkpoint is not None,
         source=f"--prompts {str(args.prompts)!r}" if args.prompts else "--prompts",
     )
+    if not tasks:
+        warnings.append(f"no images found in {', '.join(args.inputs)} (looked for {', '.join(SUPPORTED_EXTENSIONS)}).")
     for warning in warnings:
         print(f"warning: {warning}", file=sys.stderr)
 

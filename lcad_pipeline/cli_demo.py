@@ -280,7 +280,9 @@ def build_demo(
             note += f"; phrases with masks: {', '.join(specs)}" + (" (SAM)" if segmenter is not None else "")
             if automatic:
                 note += f"; found automatically: {', '.join(automatic)}"
-        return result, (result, masks_at_size(output, result.size)), note
+        overlays = masks_at_size(output, result.size)
+        colour_map = {phrase: PALETTE[k % len(PALETTE)] for k, (_, phrase) in enumerate(overlays)}  # as in the preview
+        return result, gr.update(value=(result, overlays), color_map=colour_map), note
 
     # No usage analytics leave the machine: people upload family photos.
     with gr.Blocks(title=title, analytics_enabled=False) as demo:

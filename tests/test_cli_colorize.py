@@ -418,3 +418,22 @@ def test_mask_options_are_refused_by_a_pipeline_without_them():
     with pytest.raises(UsageError, match="--sam-checkpoint is not available"):
         check_instance_support(plain | {"instance_masks"}, needs_masks=True, needs_auto=False, needs_segmenter=True, source="--prompts")
     check_instance_support(plain | {"instance_masks", "segmenter"}, needs_masks=True, needs_auto=True, needs_segmenter=True, source="--prompts")
+
+
+def test_hidden_files_and_folders_are_left_out(model_dir, tmp_path, capsys):
+    folder = tmp_path / "archive"
+    (folder / ".git" / "objects").mkdir(parents=True)
+    _photo(6, (20, 16), "L").save(folder / "scan.png")
+    (folder / "._scan.png").write_bytes(b"\x00\x05\x16\x07 AppleDouble metadata, not a PNG")
+    _photo(7, (20, 16), "L").save(folder / ".git" / "objects" / "icon.png")
+    status, stdout, stderr = _colorize(capsys, str(folder), "-o", str(tmp_path / "out"), "--model", str(model_dir))
+    assert status == 0, stderr
+    assert _summary(stdout) == (1, 0, 1, 0)
+    assert sorted(p.name for p in (tmp_path / "out").rglob("*.png")) == ["scan.png"]
+
+
+def test_no_images_found_is_said(model_dir, tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    status, stdout, stderr = _colorize(capsys, str(tmp_path / "empty"), "-o", str(tmp_path / "out"), "--model", str(model_dir))
+    assert status == 0 and _summary(stdout) == (0, 0, 0, 0)
+    assert "no images found" in stderr

@@ -103,24 +103,84 @@ def test_preview_draws_boxes_and_points_in_phrase_colours():
     assert not grey[40, 50]  # the point
 
 
-def test_regions_need_a_pipeline_that_takes_them(model_dir):
-    """Until the pipeline accepts `instance_masks`, the demo says so instead of silently ignoring regions."""
-    pipe = make_tiny_pipeline()
-    demo = build_demo(pipe, default_steps=2)
-    handler = next(fn.fn for fn in demo.fns.values() if fn.fn.__name__ == "colourise")
-    photo = Image.new("L", (40, 32), 100)
-    if "instance_masks" in cli_demo.inspect.signature(pipe.__call__).parameters:
-        result, (base, overlays), note = handler(photo, "a red car", [["a red car", 0, 0, 20, 16]], None, 2, 5.0, 0)
-        assert result.size == (40, 32) and [phrase for _, phrase in overlays] == ["a red car"]
-        assert overlays[0][0].shape == (32, 40)
-        assert overlays[0][0][2:14, 2:18].min() > 0.5 and overlays[0][0][20:, 25:].max() < 0.5
-    else:
-        import gradio as gr
+def _handler(demo, name: str = "colourise"):
+    return next(fn.fn for fn in demo.fns.values() if fn.fn.__name__ == name)
 
-        with pytest.raises(gr.Error, match="not available in this version"):
-            handler(photo, "a red car", [["a red car", 0, 0, 20, 16]], None, 2, 5.0, 0)
-        result, (base, overlays), note = handler(photo, "a red car", None, None, 2, 5.0, 0)
-        assert result.size == (40, 32) and overlays == []
+
+def test_regions_reach_the_pipeline_and_their_masks_are_overlaid():
+    demo = build_demo(make_tiny_pipeline(), default_steps=2)
+    colourise = _handler(demo)
+    photo = Image.new("L", (40, 32), 100)
+    result, overlay, note = colourise(photo, "a red car", [["a red car", 0, 0, 20, 16]], None, 2, 5.0, 0)
+    base, overlays = overlay["value"]
+    assert result.size == (40, 32) and base is result and [phrase for _, phrase in overlays] == ["a red car"]
+    assert overlays[0][0].shape == (32, 40)
+    assert overlays[0][0][2:14, 2:18].min() > 0.5 and overlays[0][0][20:, 25:].max() < 0.5
+    assert overlay["color_map"] == {"a red car": cli_demo.PALETTE[0]}  # the preview's colour for the first phrase
+    assert "phrases with masks: a red car" in note
+
+    import gradio as gr
+
+    with pytest.raises(gr.Error, match="outside the 40x32 photo"):
+        colourise(photo, "a red car", None, [["a red car", 50, 5]], 2, 5.0, 0)
+    with pytest.raises(gr.Error, match="Upload a photo first"):
+        colourise(None, "a red car", None, None, 2, 5.0, 0)
+
+
+class _PipelineWithoutRegions:
+    """A pipeline as released before instance-aware sampling: no `instance_masks` argument."""
+
+    def __init__(self):
+        self._pipe = make_tiny_pipeline()
+        self.config, self.device = self._pipe.config, self._pipe.device
+
+    def __call__(self, image, prompt=None, num_inference_steps=None, guidance_scale=5.0, generator=None):
+        return self._pipe(image, prompt, num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, generator=generator)
+
+
+def test_regions_are_refused_by_a_pipeline_without_them():
+    import gradio as gr
+
+    colourise = _handler(build_demo(_PipelineWithoutRegions(), default_steps=2))
+    photo = Image.new("L", (40, 32), 100)
+    with pytest.raises(gr.Error, match="not available in this version"):
+        colourise(photo, "a red car", [["a red car", 0, 0, 20, 16]], None, 2, 5.0, 0)
+    result, overlay, _ = colourise(photo, "a red car", None, None, 2, 5.0, 0)
+    assert result.size == (40, 32) and overlay["value"][1] == []
+
+
+def test_sam_checkpoint_and_automatic_masks_in_the_demo(tmp_path, monkeypatch):
+    import torch
+
+    from lcad_pipeline import sam_masks
+    from test_cli_colorize import TINY_SAM
+
+    monkeypatch.setitem(sam_masks.SAM_CONFIGS, "vit_b", TINY_SAM)
+    torch.manual_seed(0)
+    checkpoint = tmp_path / "sam_vit_b_tiny.pth"
+    torch.save(sam_masks.build_sam("vit_b").state_dict(), checkpoint)
+    real_loader = cli_demo.load_segmenter
+
+    def permissive_loader(*args, **kwargs):  # random SAM weights pass no quality threshold
+        segmenter = real_loader(*args, **kwargs)
+        segmenter.pred_iou_thresh = segmenter.stability_score_thresh = 0.0
+        segmenter.points_per_side, segmenter.box_nms_thresh = 6, 1.0
+        return segmenter
+
+    monkeypatch.setattr(cli_demo, "load_segmenter", permissive_loader)
+    demo = build_demo(make_tiny_pipeline(), sam_checkpoint=checkpoint, default_steps=2)
+    auto = next(b for b in demo.blocks.values() if getattr(b, "elem_id", None) == "lcad-auto-masks")
+    assert auto.visible is True
+    photo = _smooth_photo((40, 32))
+    result, overlay, note = _handler(demo)(photo, "a red car, a blue cup", [["a red car", 2, 2, 20, 16]], None, 2, 5.0, 0, True)
+    assert result.size == (40, 32)
+    assert [phrase for _, phrase in overlay["value"][1]] == ["a red car", "a blue cup"]
+    assert "(SAM)" in note and "found automatically: a blue cup" in note
+
+
+def _smooth_photo(size: tuple[int, int]) -> Image.Image:
+    rng = np.random.default_rng(0)
+    return Image.fromarray((rng.random((4, 4)) * 255).astype(np.uint8)).resize(size, Image.BICUBIC)
 
 
 def test_lcad_demo_command(model_dir, monkeypatch, capsys):
@@ -196,6 +256,12 @@ def test_browser_upload_describe_colourise(tmp_path):
                 page.wait_for_function("document.querySelector('#lcad-points').innerText.includes('a red car')")
                 cells = page.inner_text("#lcad-points")
                 assert "60" in cells and "36" in cells  # the centre of the 120x72 photo
+
+                # Colourising again uses the point: the status names the phrase, its mask is overlaid on the result.
+                page.click("#lcad-run")
+                page.wait_for_function("document.querySelector('#lcad-status').innerText.includes('phrases with masks: a red car')")
+                page.wait_for_selector("#lcad-masks img")
+                assert "a red car" in page.inner_text("#lcad-masks")  # the overlay's legend
             finally:
                 browser.close()
     finally:
