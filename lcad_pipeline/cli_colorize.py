@@ -113,7 +113,7 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
         "--dtype", default="auto", choices=DTYPES, help="weights' precision (auto: float16 on cuda, float32 elsewhere)."
     )
     parser.add_argument("--scheduler", default="ddim", choices=list(SCHEDULERS), help="sampler (default: ddim, as released).")
-    parser.add_argument("--sam-checkpoint", type=Path, help="a SAM checkpoint (sam_vit_{b,l,h}_*.pth) to turn boxes and points into masks.")
+    parser.add_argument("--sam-checkpoint", type=Path, metavar="FILE", help="a SAM checkpoint (sam_vit_{b,l,h}_*.pth) to turn boxes and points into masks.")
     parser.add_argument(
         "--sam-model-type", default="auto", choices=("auto", "vit_b", "vit_l", "vit_h"),
         help="SAM architecture of --sam-checkpoint (auto: from its file name).",
@@ -848,7 +848,7 @@ def _run(args: argparse.Namespace) -> int:
     interrupted = False
     try:
         if todo:
-            _colourise(pipe, segmenter, todo, args, steps, resolution, run_record)
+            _colourise(pipe, segmenter, todo, args, steps, resolution)
     except KeyboardInterrupt:
         interrupted = True
     finally:
@@ -911,7 +911,7 @@ def _argv_from(args: argparse.Namespace) -> list[str]:
     return argv
 
 
-def _colourise(pipe, segmenter, todo: list[Task], args, steps, resolution, run_record) -> None:
+def _colourise(pipe, segmenter, todo: list[Task], args: argparse.Namespace, steps: int, resolution: int) -> None:
     import torch
     from tqdm.auto import tqdm
 

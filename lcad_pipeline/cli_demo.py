@@ -348,8 +348,9 @@ def build_demo(
         preview.select(add_point, [points, point_phrase, photo, boxes], [points, preview])
         clear.click(clear_points, [photo, boxes], [points, preview])
         inputs = [photo, prompt, boxes, points, steps, guidance, seed, auto_masks]
-        run.click(colourise, inputs, [result, overlay, status])
-        prompt.submit(colourise, inputs, [result, overlay, status])
+        # One pipeline, one run at a time, whichever way it is started.
+        run.click(colourise, inputs, [result, overlay, status], concurrency_limit=1, concurrency_id="pipeline")
+        prompt.submit(colourise, inputs, [result, overlay, status], concurrency_limit=1, concurrency_id="pipeline")
     return demo
 
 
