@@ -23,9 +23,12 @@ import math
 import os
 import sys
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any
 
 from .cli_colorize import UsageError, add_model_arguments, load_pipeline, load_segmenter, resolve_device, resolve_dtype
+
+if TYPE_CHECKING:
+    import gradio
 
 BOX_HEADERS = ["phrase", "x0", "y0", "x1", "y1"]
 POINT_HEADERS = ["phrase", "x", "y"]
@@ -186,7 +189,7 @@ def build_demo(
     sam_model_type: str = "auto",
     default_steps: int | None = None,
     title: str = "L-CAD colourisation",
-):
+) -> "gradio.Blocks":
     """Build (not launch) the demo's `gradio.Blocks` around an `LCADPipeline` or a model folder / Hub id.
 
     Args:

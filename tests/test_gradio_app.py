@@ -15,7 +15,6 @@ import io
 import os
 import shutil
 import socket
-import sys
 import time
 from pathlib import Path
 
