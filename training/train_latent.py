@@ -36,6 +36,7 @@ from __future__ import annotations
 import argparse
 import functools
 import logging
+import math
 import os
 import sys
 
@@ -464,7 +465,8 @@ def main(argv: list[str] | None = None) -> None:
         batch_size=args.train_batch_size,
         num_workers=args.dataloader_num_workers,
     )
-    steps_per_epoch, _ = common.epochs_and_steps(args, len(train_dataloader) // accelerator.num_processes or 1)
+    steps_from_epochs = args.max_train_steps is None
+    common.epochs_and_steps(args, math.ceil(len(train_dataloader) / accelerator.num_processes))
     lr_scheduler = get_scheduler(
         args.lr_scheduler,
         optimizer=optimizer,
@@ -474,7 +476,7 @@ def main(argv: list[str] | None = None) -> None:
     unet, optimizer, train_dataloader, lr_scheduler = accelerator.prepare(
         unet, optimizer, train_dataloader, lr_scheduler
     )
-    steps_per_epoch, num_train_epochs = common.epochs_and_steps(args, len(train_dataloader))
+    steps_per_epoch, num_train_epochs = common.epochs_and_steps(args, len(train_dataloader), steps_from_epochs)
 
     ema = common.make_ema(args, params)
     train_state = common.TrainState()
@@ -590,7 +592,7 @@ def main(argv: list[str] | None = None) -> None:
                 )
                 loss = compute_loss(batch, generator)
                 gathered = accelerator.gather(loss.detach().repeat(args.train_batch_size)).mean()
-                train_loss += gathered.item() / args.gradient_accumulation_steps
+                train_loss += gathered.item()
                 accelerator.backward(loss)
                 if accelerator.sync_gradients and args.max_grad_norm > 0:
                     accelerator.clip_grad_norm_(params, args.max_grad_norm)
@@ -600,6 +602,8 @@ def main(argv: list[str] | None = None) -> None:
             micro_step += 1
 
             if accelerator.sync_gradients:
+                # The mean over the step's micro-batches (fewer than --gradient_accumulation_steps at an epoch's end).
+                train_loss /= micro_step
                 micro_step = 0
                 if ema is not None:
                     ema.step(params)

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import os
 import sys
 
@@ -326,7 +327,8 @@ def main(argv: list[str] | None = None) -> None:
         batch_size=args.train_batch_size,
         num_workers=args.dataloader_num_workers,
     )
-    common.epochs_and_steps(args, len(train_dataloader) // accelerator.num_processes or 1)
+    steps_from_epochs = args.max_train_steps is None
+    common.epochs_and_steps(args, math.ceil(len(train_dataloader) / accelerator.num_processes))
     lr_scheduler = get_scheduler(
         args.lr_scheduler,
         optimizer=optimizer,
@@ -336,7 +338,7 @@ def main(argv: list[str] | None = None) -> None:
     model, discriminator, optimizer, optimizer_d, train_dataloader, lr_scheduler = accelerator.prepare(
         model, discriminator, optimizer, optimizer_d, train_dataloader, lr_scheduler
     )
-    steps_per_epoch, num_train_epochs = common.epochs_and_steps(args, len(train_dataloader))
+    steps_per_epoch, num_train_epochs = common.epochs_and_steps(args, len(train_dataloader), steps_from_epochs)
     raw_discriminator = accelerator.unwrap_model(discriminator)
 
     ema = common.make_ema(args, params)
@@ -448,10 +450,12 @@ def main(argv: list[str] | None = None) -> None:
                     values["loss_d"] = loss_d.detach()
                 for key, value in values.items():
                     mean = accelerator.gather(value.reshape(1).float()).mean().item()
-                    logs[key] = logs.get(key, 0.0) + mean / args.gradient_accumulation_steps
+                    logs[key] = logs.get(key, 0.0) + mean
             micro_step += 1
 
             if accelerator.sync_gradients:
+                # Means over the step's micro-batches (fewer than --gradient_accumulation_steps at an epoch's end).
+                logs = {key: value / micro_step for key, value in logs.items()}
                 micro_step = 0
                 if ema is not None:
                     ema.step(params)

@@ -265,10 +265,13 @@ def step_generator(seed: int, step: int, micro_step: int, process_index: int, de
     return torch.Generator(device=device).manual_seed(value)
 
 
-def epochs_and_steps(args: argparse.Namespace, batches_per_epoch: int) -> tuple[int, int]:
-    """(num_update_steps_per_epoch, num_train_epochs), fixing args.max_train_steps when only epochs are given."""
-    steps_per_epoch = math.ceil(batches_per_epoch / args.gradient_accumulation_steps)
-    if args.max_train_steps is None:
+def epochs_and_steps(args: argparse.Namespace, batches_per_epoch: int, from_epochs: bool = False) -> tuple[int, int]:
+    """
+    (num_update_steps_per_epoch, num_train_epochs). Sets args.max_train_steps from --num_train_epochs when it is
+    None, or always with `from_epochs` (after `accelerator.prepare` has sharded the data loader: the exact count).
+    """
+    steps_per_epoch = max(1, math.ceil(batches_per_epoch / args.gradient_accumulation_steps))
+    if args.max_train_steps is None or from_epochs:
         args.max_train_steps = args.num_train_epochs * steps_per_epoch
     return steps_per_epoch, math.ceil(args.max_train_steps / steps_per_epoch)
 
