@@ -237,9 +237,11 @@ class LCADImageProcessor(ConfigMixin):
         The model's colour prediction (1, 3, h, w) in [0, 1] as a (1, 3, H, W) image at the input's `size`; with
         `preserve_luminance`, its lightness replaced by the input's full-resolution `lightness`.
         """
-        rgb = self.resize(rgb.float(), size, mode="bicubic").clamp(0, 1)
-        if preserve_luminance:
-            rgb = combine_lightness_and_color(lightness.to(rgb), rgb)
+        # Colour conversion needs float32 or better: never under an autocast the caller may have opened.
+        with torch.autocast(device_type=rgb.device.type, enabled=False):
+            rgb = self.resize(rgb.float(), size, mode="bicubic").clamp(0, 1)
+            if preserve_luminance:
+                rgb = combine_lightness_and_color(lightness.float().to(rgb.device), rgb)
         return rgb
 
     @staticmethod

@@ -42,13 +42,11 @@ from .image_processor_lcad import (
     PipelineImageInput,
     count_images,
     is_valid_image_input,
+    lightness_to_gray_rgb,
 )
 from .loading_lcad import check_materialized
 from .unet_lcad import LCADUNet2DConditionModel
-
-# instance-aware sampling (paper Sec. 3.4): see attention_lcad.py and instance_masks.py
-from .attention_lcad import InstanceAttentionGuidance
-from .image_processor_lcad import lightness_to_gray_rgb
+from .attention_lcad import InstanceAttentionGuidance  # instance-aware sampling (paper Sec. 3.4)
 from .instance_masks import (
     assign_regions_to_phrases,
     check_mask_specs,
@@ -329,9 +327,12 @@ class LCADPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin, TextualInv
         instance_guidance=None,
         segmenter=None,
         return_attention_maps=False,
-    ) -> int:
-        """Validate the call's arguments before any work; returns the number of input images."""
-        self.check_instance_inputs(
+    ) -> tuple[int, dict | None]:
+        """
+        Validate the call's arguments before any work; returns the number of input images and the checked
+        instance-aware sampling inputs (`None` without phrases).
+        """
+        instance_inputs = self.check_instance_inputs(
             prompt, prompt_embeds, instance_masks, phrases, masks, instance_guidance, segmenter, return_attention_maps
         )
         if image is None:
@@ -391,7 +392,7 @@ class LCADPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin, TextualInv
                 f"`callback_on_step_end_tensor_inputs` must be among {self._callback_tensor_inputs}, got "
                 f"{callback_on_step_end_tensor_inputs}."
             )
-        return num_images
+        return num_images, instance_inputs
 
     def prepare_luminance(
         self, lightness: list[torch.Tensor], size: tuple[int, int], device: torch.device, dtype: torch.dtype
@@ -624,7 +625,7 @@ class LCADPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin, TextualInv
         Returns:
             [`LCADPipelineOutput`] or a tuple `(images,)`.
         """
-        num_images = self.check_inputs(
+        num_images, instance_inputs = self.check_inputs(
             image,
             prompt,
             negative_prompt,
@@ -644,9 +645,6 @@ class LCADPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin, TextualInv
             instance_guidance=instance_guidance,
             segmenter=segmenter,
             return_attention_maps=return_attention_maps,
-        )
-        instance_inputs = self.check_instance_inputs(
-            prompt, prompt_embeds, instance_masks, phrases, masks, instance_guidance, segmenter, return_attention_maps
         )
         if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
             callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs

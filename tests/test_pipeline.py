@@ -252,3 +252,12 @@ def test_symmetric_normalisation_changes_the_luminance_input(coffee_gray):
     a = _run(official, small, output_type="np").images
     b = _run(symmetric, small, output_type="np").images
     assert not np.allclose(a, b)
+
+
+def test_runs_under_bf16_autocast(pipe, coffee_gray):
+    """Training scripts validate under autocast: the colour conversion must still happen in float32."""
+    small = coffee_gray.resize((40, 24))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        image = _run(pipe, small).images[0]
+    assert image.size == small.size
+    assert _psnr(_lightness(image), _lightness(small)) >= 35.0
