@@ -17,6 +17,7 @@ near twice the checkpoint's size (the mapped file plus the serialised output).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import math
@@ -31,10 +32,8 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 import torch
-from tqdm.auto import tqdm
-
 from diffusers.utils import logging as diffusers_logging
-
+from tqdm.auto import tqdm
 
 logger = diffusers_logging.get_logger(__name__)
 
@@ -116,7 +115,9 @@ def load_checkpoint(checkpoint_path: str | os.PathLike) -> dict[str, torch.Tenso
             with safe_open(str(path), framework="pt", device="cpu") as f:
                 state = {key: f.get_tensor(key) for key in f.keys()}
         except (SafetensorError, OSError, ValueError, RuntimeError) as error:
-            raise ConversionError(f"cannot read {str(path)!r} as safetensors (truncated or corrupt?): {error}") from None
+            raise ConversionError(
+                f"cannot read {str(path)!r} as safetensors (truncated or corrupt?): {error}"
+            ) from None
     else:
         # Zip-format pickles (torch >= 1.6) can be memory-mapped: tensors are read on use, not copied up front.
         mmap = zipfile.is_zipfile(path)
@@ -126,8 +127,9 @@ def load_checkpoint(checkpoint_path: str | os.PathLike) -> dict[str, torch.Tenso
             message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
             if "weights_only" in str(error) or "Unsupported global" in str(error):
                 raise ConversionError(
-                    f"{str(path)!r} contains pickled objects other than tensors, which are not loaded (loading them "
-                    f"could execute code). Re-save its state dict alone: torch.save(ckpt['state_dict'], 'weights.ckpt'). "
+                    f"{str(path)!r} contains pickled objects other than tensors, which are not loaded (loading "
+                    "them could execute code). Re-save its state dict alone: "
+                    "torch.save(ckpt['state_dict'], 'weights.ckpt'). "
                     f"({message})"
                 ) from None
             raise ConversionError(f"cannot read checkpoint {str(path)!r} (truncated or corrupt?): {message}") from None
@@ -163,7 +165,9 @@ def _indices(keys: Iterable[str], pattern: str) -> list[int]:
     return sorted({int(m.group(1)) for key in keys if (m := regex.match(key))})
 
 
-def released_betas(num_train_timesteps: int = 1000, beta_start: float = 0.00085, beta_end: float = 0.012) -> torch.Tensor:
+def released_betas(
+    num_train_timesteps: int = 1000, beta_start: float = 0.00085, beta_end: float = 0.012
+) -> torch.Tensor:
     """ldm's "linear" schedule (diffusers' "scaled_linear"), computed in float64 as ldm does."""
     return torch.linspace(beta_start**0.5, beta_end**0.5, num_train_timesteps, dtype=torch.float64) ** 2
 
@@ -176,7 +180,7 @@ def infer_unet_config(unet_state: Mapping[str, torch.Tensor], attention_heads: i
     p = UNET_PREFIX
     conv_in = _require(unet_state, "input_blocks.0.0.weight", p)
     out_channels = _require(unet_state, "out.2.weight", p).shape[0]
-    model_channels, total_in = conv_in.shape[0], conv_in.shape[1]
+    total_in = conv_in.shape[1]
     latent_channels = out_channels
     luminance_channels = total_in - latent_channels
     if luminance_channels < 1:
@@ -207,7 +211,9 @@ def infer_unet_config(unet_state: Mapping[str, torch.Tensor], attention_heads: i
         blocks = range(level * (layers_per_block + 1), (level + 1) * (layers_per_block + 1))
         has_attention = any(f"output_blocks.{j}.1.proj_in.weight" in unet_state for j in blocks)
         up_block_types.append("CrossAttnUpBlock2D" if has_attention else "UpBlock2D")
-    if [t.startswith("CrossAttn") for t in up_block_types] != [t.startswith("CrossAttn") for t in down_block_types][::-1]:
+    if [t.startswith("CrossAttn") for t in up_block_types] != [t.startswith("CrossAttn") for t in down_block_types][
+        ::-1
+    ]:
         raise ConversionError(f"{p}: attention levels of the input and output blocks do not mirror each other.")
     if "middle_block.1.proj_in.weight" not in unet_state:
         raise ConversionError(f"missing weight {p}middle_block.1.proj_in.weight (the mid block's transformer)")
@@ -331,7 +337,19 @@ def load_text_encoder_config(name_or_path: str | os.PathLike):
             return CLIPTextConfig(**{k: v for k, v in data.items() if not k.startswith("_")})
         if path.is_dir() and not (path / "config.json").exists() and (path / "text_encoder" / "config.json").exists():
             return CLIPTextConfig.from_pretrained(str(path / "text_encoder"))
+        if path.exists():
+            return CLIPTextConfig.from_pretrained(str(path))
+        try:  # a Hub id: the local cache first, the Hub only when it can be reached
+            return CLIPTextConfig.from_pretrained(str(name_or_path), local_files_only=True)
+        except Exception:
+            if not _hub_reachable():
+                raise ConversionError(
+                    f"--text-encoder-config {str(name_or_path)!r} is neither a local file or folder nor cached, "
+                    "and the Hugging Face Hub cannot be reached (offline?)."
+                ) from None
         return CLIPTextConfig.from_pretrained(str(name_or_path))
+    except ConversionError:
+        raise
     except Exception as error:
         raise ConversionError(f"cannot load --text-encoder-config {str(name_or_path)!r}: {error}") from None
 
@@ -425,6 +443,18 @@ class _Provenance:
         return self._keys_at.get(tensor.data_ptr(), [key]) if tensor.numel() else [key]
 
 
+@contextlib.contextmanager
+def _missing_as_error(prefix: str, strip: str = ""):
+    """diffusers' converters index some weights directly (a bias after checking its weight): name a missing one."""
+    try:
+        yield
+    except KeyError as error:
+        key = str(error.args[0]) if error.args else "?"
+        raise ConversionError(
+            f"missing weight {prefix}{key[len(strip) :] if key.startswith(strip) else key}"
+        ) from None
+
+
 def _check_schedule(state: Mapping[str, torch.Tensor]) -> None:
     """The checkpoint's betas must be the scheduler's (scaled_linear 0.00085 -> 0.012 over 1000 steps)."""
     if "betas" not in state:
@@ -475,15 +505,9 @@ def split_and_map(state: dict[str, torch.Tensor], text_encoder_config=None) -> C
 
     provenance = _Provenance(state)
     unet_ldm = {k[len(UNET_PREFIX) :]: v for k, v in state.items() if k.startswith(UNET_PREFIX)}
-    vae_ldm = {
-        k[len(VAE_PREFIX) :]: v for k, v in state.items() if k.startswith(VAE_PREFIX) and k not in dropped
-    }
+    vae_ldm = {k[len(VAE_PREFIX) :]: v for k, v in state.items() if k.startswith(VAE_PREFIX) and k not in dropped}
     text_ldm = {k: v for k, v in state.items() if k.startswith(TEXT_PREFIX) and k not in dropped}
-    unknown = [
-        k
-        for k in state
-        if k not in dropped and not k.startswith((UNET_PREFIX, VAE_PREFIX, TEXT_PREFIX))
-    ]
+    unknown = [k for k in state if k not in dropped and not k.startswith((UNET_PREFIX, VAE_PREFIX, TEXT_PREFIX))]
     if unknown:
         raise ConversionError(f"unknown keys in the checkpoint (not part of L-CAD's layout): {_names(unknown)}")
 
@@ -499,12 +523,14 @@ def split_and_map(state: dict[str, torch.Tensor], text_encoder_config=None) -> C
         )
 
     # UNet: diffusers' mapping (conv_in keeps its 4 + luminance input channels).
-    unet = convert_ldm_unet_checkpoint({UNET_PREFIX + k: v for k, v in unet_ldm.items()}, unet_config)
+    with _missing_as_error(UNET_PREFIX):
+        unet = convert_ldm_unet_checkpoint({UNET_PREFIX + k: v for k, v in unet_ldm.items()}, unet_config)
 
     # VAE proper: the standard mapping, on the encoder/decoder/quant convs only (the converter's substring matching
     # would otherwise also catch the luminance encoder's keys).
     vae_standard = {VAE_PREFIX + k: v for k, v in vae_ldm.items() if not k.startswith("g_encoder.")}
-    vae = convert_ldm_vae_checkpoint(vae_standard, vae_config)
+    with _missing_as_error(VAE_PREFIX):
+        vae = convert_ldm_vae_checkpoint(vae_standard, vae_config)
 
     # Luminance encoder: the VAE-encoder mapping applied to `g_encoder`, plus its zero convolutions.
     layers_per_block = vae_config["layers_per_block"]
@@ -523,7 +549,9 @@ def split_and_map(state: dict[str, torch.Tensor], text_encoder_config=None) -> C
             vae[f"luminance_encoder.mid_zero_convs.{int(m.group(1)) - 1}.{m.group(2)}"] = tensor
         else:
             encoder_part["encoder." + key] = tensor
-    for key, tensor in convert_ldm_vae_checkpoint(encoder_part, vae_config).items():
+    with _missing_as_error(LUMINANCE_PREFIX, strip="encoder."):
+        luminance = convert_ldm_vae_checkpoint(encoder_part, vae_config)
+    for key, tensor in luminance.items():
         if key.startswith("encoder."):
             vae["luminance_encoder." + key[len("encoder.") :]] = tensor
 
@@ -532,11 +560,11 @@ def split_and_map(state: dict[str, torch.Tensor], text_encoder_config=None) -> C
     for key, tensor in convert_ldm_clip_checkpoint(text_ldm).items():
         bare = key[len("text_model.") :] if key.startswith("text_model.") else key
         if bare in text:
-            raise ConversionError(f"the text encoder weight {TEXT_PREFIX}{bare} appears twice (with and without text_model.)")
+            raise ConversionError(
+                f"the text encoder weight {TEXT_PREFIX}{bare} appears twice (with and without text_model.)"
+            )
         text[bare] = tensor
-    text_config = infer_text_encoder_config(
-        text, base=text_encoder_config, explicit=text_encoder_config is not None
-    )
+    text_config = infer_text_encoder_config(text, base=text_encoder_config, explicit=text_encoder_config is not None)
 
     # Account: every source tensor must have been placed exactly where the converters put it.
     # (diffusers' converters write None for some weights they expect but do not find: those are reported as missing
@@ -598,7 +626,9 @@ def _checkpoint_dtype(converted: ConvertedCheckpoint) -> torch.dtype:
     return converted.unet["conv_in.weight"].dtype
 
 
-def _fill(model: torch.nn.Module, state: dict[str, torch.Tensor], component: str, converted: ConvertedCheckpoint, dtype):
+def _fill(
+    model: torch.nn.Module, state: dict[str, torch.Tensor], component: str, converted: ConvertedCheckpoint, dtype
+):
     """Give the meta-device `model` the checkpoint's tensors (no copy where the dtype already matches)."""
     expected = model.state_dict()
     missing = [k for k in expected if k not in state]
@@ -700,8 +730,9 @@ def load_tokenizer(name_or_path: str | os.PathLike):
         return tokenizer
     if not _hub_reachable():
         raise ConversionError(
-            f"the tokenizer {str(name_or_path)!r} is not in the local cache and the Hugging Face Hub cannot be reached "
-            "(offline?): pass --tokenizer with a local folder holding a CLIP tokenizer (vocab.json, merges.txt)."
+            f"the tokenizer {str(name_or_path)!r} is not in the local cache and the Hugging Face Hub cannot be "
+            "reached (offline?): pass --tokenizer with a local folder holding a CLIP tokenizer "
+            "(vocab.json, merges.txt)."
         )
     tokenizer, error = attempt(str(name_or_path))
     if tokenizer is None:
@@ -804,8 +835,12 @@ def convert_checkpoint(
         del state
         vocab = converted.text_encoder_config.vocab_size
         if len(clip_tokenizer) > vocab:
-            raise ConversionError(
-                f"the tokenizer has {len(clip_tokenizer)} tokens but the text encoder only {vocab} embeddings."
+            logger.warning(
+                "The tokenizer has %d tokens but the text encoder only %d embeddings: prompts with token ids >= %d "
+                "will fail. Is --tokenizer the one this checkpoint was trained with?",
+                len(clip_tokenizer),
+                vocab,
+                vocab,
             )
         bar.update()
 
@@ -824,8 +859,11 @@ def convert_checkpoint(
         bar.update()
 
         stage(4)
-        output_dir.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.converting-", dir=output_dir.parent))
+        try:
+            output_dir.parent.mkdir(parents=True, exist_ok=True)
+            staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.converting-", dir=output_dir.parent))
+        except OSError as error:
+            raise ConversionError(f"cannot write into {str(output_dir.parent)!r}: {error}") from None
         try:
             pipe.save_pretrained(staging, safe_serialization=True)
             from .hub import write_model_card
@@ -837,6 +875,9 @@ def convert_checkpoint(
                 converted_from=Path(checkpoint_path).name,
             )
             _replace_folder(staging, output_dir)
+        except OSError as error:  # disk full, permissions...
+            shutil.rmtree(staging, ignore_errors=True)
+            raise ConversionError(f"cannot write {str(output_dir)!r}: {error}") from None
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise

@@ -19,7 +19,6 @@ from typing import Any
 
 from diffusers.utils import logging
 
-
 logger = logging.get_logger(__name__)
 
 TEMPLATE_NAME = "model_card.md"
@@ -94,7 +93,9 @@ def render_model_card(
         "license_text": LICENSE_TEXTS.get(license or ""),
     }
     if template is None:
-        logger.warning("The model card template %s was not found; using huggingface_hub's default card.", TEMPLATE_NAME)
+        logger.warning(
+            "The model card template %s was not found; using huggingface_hub's default card.", TEMPLATE_NAME
+        )
         return ModelCard.from_template(card_data, model_id=model_name)
     return ModelCard.from_template(card_data, template_path=str(template), **kwargs)
 
@@ -228,13 +229,15 @@ def push_pipeline(
     variant: str | None = None,
     model_card: str | os.PathLike | None = None,
     license: str | None = None,
+    **save_kwargs,
 ) -> str:
     r"""
     Save an `LCADPipeline` and upload it with its code files and model card (what `LCADPipeline.push_to_hub` needs
     beyond `DiffusionPipeline.push_to_hub`, whose card is diffusers' generic one).
 
     The card is `model_card` (a README path) if given, else the README.md of the folder the pipeline was loaded from
-    (e.g. a converted checkpoint's), else the template rendered with `license`.
+    (e.g. a converted checkpoint's), else the template rendered with `license`. Other keyword arguments go to
+    `save_pretrained` (e.g. `max_shard_size`).
     """
     if _offline():
         raise HubError("cannot upload: the Hugging Face Hub is disabled (HF_HUB_OFFLINE is set). Unset it and retry.")
@@ -246,7 +249,7 @@ def push_pipeline(
         if loaded_from and (Path(loaded_from) / "README.md").is_file():
             source = Path(loaded_from) / "README.md"
     with tempfile.TemporaryDirectory() as tmpdir:
-        save_kwargs: dict[str, Any] = {"safe_serialization": safe_serialization}
+        save_kwargs["safe_serialization"] = safe_serialization
         if variant is not None:
             save_kwargs["variant"] = variant
         pipeline.save_pretrained(tmpdir, **save_kwargs)
@@ -254,7 +257,9 @@ def push_pipeline(
             (Path(tmpdir) / "README.md").write_text(source.read_text(encoding="utf-8"), encoding="utf-8")
         else:
             write_model_card(tmpdir, license=license, repo_id=repo_id)
-        return push_folder(tmpdir, repo_id, private=private, token=token, commit_message=commit_message, create_pr=create_pr)
+        return push_folder(
+            tmpdir, repo_id, private=private, token=token, commit_message=commit_message, create_pr=create_pr
+        )
 
 
 # ---------------------------------------------------------------------------------------------------- CLI

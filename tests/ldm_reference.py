@@ -138,7 +138,9 @@ def _unet_shapes(layout: Layout, shapes: dict) -> None:
             _unet_resblock(shapes, f"{p}.input_blocks.{block}.0", ch, mult * mc, emb)
             ch = mult * mc
             if level in layout.attention_levels:
-                _spatial_transformer(shapes, f"{p}.input_blocks.{block}.1", ch, layout.context_dim, layout.transformer_depth)
+                _spatial_transformer(
+                    shapes, f"{p}.input_blocks.{block}.1", ch, layout.context_dim, layout.transformer_depth
+                )
             chans.append(ch)
             block += 1
         if level != len(layout.channel_mult) - 1:
@@ -156,7 +158,9 @@ def _unet_shapes(layout: Layout, shapes: dict) -> None:
             ch = mult * mc
             index = 1
             if level in layout.attention_levels:
-                _spatial_transformer(shapes, f"{p}.output_blocks.{block}.1", ch, layout.context_dim, layout.transformer_depth)
+                _spatial_transformer(
+                    shapes, f"{p}.output_blocks.{block}.1", ch, layout.context_dim, layout.transformer_depth
+                )
                 index = 2
             if level and i == layout.num_res_blocks:
                 shapes[f"{p}.output_blocks.{block}.{index}.conv.weight"] = (ch, ch, 3, 3)
@@ -323,7 +327,9 @@ def random_checkpoint(
             continue
         noise = torch.randn(shape, generator=generator)
         if len(shape) == 1:
-            is_norm = any(n in key for n in ("norm", "in_layers.0", "out_layers.0", "out.0")) and key.endswith("weight")
+            is_norm = any(n in key for n in ("norm", "in_layers.0", "out_layers.0", "out.0")) and key.endswith(
+                "weight"
+            )
             value = 1.0 + 0.1 * noise if is_norm else 0.05 * noise
         else:
             fan_in = math.prod(shape[1:])
@@ -446,7 +452,9 @@ def _attention(x, context, sd, p, heads):
     d = inner // heads
 
     def split(t):
-        return t.reshape(t.shape[0], t.shape[1], heads, d).permute(0, 2, 1, 3).reshape(t.shape[0] * heads, t.shape[1], d)
+        return (
+            t.reshape(t.shape[0], t.shape[1], heads, d).permute(0, 2, 1, 3).reshape(t.shape[0] * heads, t.shape[1], d)
+        )
 
     q, k, v = split(q), split(k), split(v)
     sim = torch.einsum("bid,bjd->bij", q, k) * d**-0.5
@@ -507,7 +515,9 @@ def unet_eps(sd, x, t, context, luminance, layout: Layout):
             h = unet_resblock(torch.cat([h, skips.pop()], dim=1), emb, sd, f"{p}.output_blocks.{block}.0")
             index = 1
             if level in layout.attention_levels:
-                h = spatial_transformer(h, context, sd, f"{p}.output_blocks.{block}.1", heads, layout.transformer_depth)
+                h = spatial_transformer(
+                    h, context, sd, f"{p}.output_blocks.{block}.1", heads, layout.transformer_depth
+                )
                 index = 2
             if level and i == layout.num_res_blocks:
                 h = _upsample(h, sd, f"{p}.output_blocks.{block}.{index}.conv")
@@ -516,7 +526,7 @@ def unet_eps(sd, x, t, context, luminance, layout: Layout):
 
 
 def ddim_schedule(alphas_cumprod: torch.Tensor, steps: int, num_timesteps: int = 1000):
-    """ldm's DDIM: uniform timesteps range(0, T, T // steps) + 1, alphas and previous alphas (alphas_cumprod[0] last)."""
+    """ldm's DDIM: timesteps range(0, T, T // steps) + 1; alphas and previous alphas (alphas_cumprod[0] last)."""
     timesteps = torch.arange(0, num_timesteps, num_timesteps // steps) + 1
     alphas = alphas_cumprod[timesteps]
     alphas_prev = torch.cat([alphas_cumprod[:1], alphas_cumprod[timesteps[:-1]]])
@@ -528,9 +538,7 @@ def ddim_sample(sd, x, cond, uncond, luminance, layout: Layout, steps=50, guidan
     timesteps, alphas, alphas_prev = ddim_schedule(sd["alphas_cumprod"], steps, layout.num_timesteps)
     for index in reversed(range(len(timesteps))):
         t = timesteps[index]
-        both = unet_eps(
-            sd, torch.cat([x, x]), t, torch.cat([uncond, cond]), torch.cat([luminance, luminance]), layout
-        )
+        both = unet_eps(sd, torch.cat([x, x]), t, torch.cat([uncond, cond]), torch.cat([luminance, luminance]), layout)
         e_uncond, e_cond = both.chunk(2)
         e = e_uncond + guidance_scale * (e_cond - e_uncond)
         a_t, a_prev = alphas[index], alphas_prev[index]

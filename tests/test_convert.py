@@ -9,13 +9,12 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from ldm_reference import FULL, SCHEDULE_KEYS, SMALL, random_checkpoint, released_layout_shapes
+from tiny_models import make_tokenizer
+
 from lcad_pipeline import LCADPipeline
 from lcad_pipeline.cli import main as lcad_main
 from lcad_pipeline.convert import ConversionError, convert_checkpoint, load_checkpoint, split_and_map
-from tiny_models import make_tokenizer
-
 
 HERE = Path(__file__).resolve().parent
 DROPPED = {
@@ -57,7 +56,9 @@ def _run_cli(*args: str, capsys) -> tuple[int, str]:
 def test_layout_generator_reproduces_the_released_key_list():
     """The test checkpoints' generator, at full size, gives exactly the released keys and shapes."""
     lines = (HERE / "ldm_reference_checkpoint_keys.tsv").read_text().splitlines()
-    released = {key: tuple(int(n) for n in shape.split("x")) for key, shape in (line.split("\t") for line in lines[1:])}
+    released = {
+        key: tuple(int(n) for n in shape.split("x")) for key, shape in (line.split("\t") for line in lines[1:])
+    }
     assert len(released) == 1270
     assert released_layout_shapes(FULL) == released
 
@@ -161,16 +162,21 @@ def test_fp16_checkpoint_converts(workdir, tmp_path):
 def test_state_dict_wrapped_and_safetensors_checkpoints_convert(workdir, tmp_path):
     root, state = workdir
     torch.save({"state_dict": state, "epoch": 3, "global_step": 1200}, tmp_path / "wrapped.ckpt")
-    wrapped = convert_checkpoint(tmp_path / "wrapped.ckpt", tmp_path / "a", tokenizer=root / "tokenizer", progress=False)
-    assert torch.equal(wrapped.vae.luminance_encoder.mid_zero_convs[1].weight[:, :, 0, 0], state[
-        "first_stage_model.g_encoder.zero_conv_mid2.weight"
-    ][:, :, 0, 0])
+    wrapped = convert_checkpoint(
+        tmp_path / "wrapped.ckpt", tmp_path / "a", tokenizer=root / "tokenizer", progress=False
+    )
+    assert torch.equal(
+        wrapped.vae.luminance_encoder.mid_zero_convs[1].weight[:, :, 0, 0],
+        state["first_stage_model.g_encoder.zero_conv_mid2.weight"][:, :, 0, 0],
+    )
 
     from safetensors.torch import save_file
 
     save_file({k: v.contiguous() for k, v in state.items()}, str(tmp_path / "weights.safetensors"))
     assert load_checkpoint(tmp_path / "weights.safetensors").keys() == state.keys()
-    pipe = convert_checkpoint(tmp_path / "weights.safetensors", tmp_path / "b", tokenizer=root / "tokenizer", progress=False)
+    pipe = convert_checkpoint(
+        tmp_path / "weights.safetensors", tmp_path / "b", tokenizer=root / "tokenizer", progress=False
+    )
     assert torch.equal(pipe.unet.conv_out.weight, state["model.diffusion_model.out.2.weight"])
 
 
@@ -204,8 +210,15 @@ def test_other_layouts_convert():
 
 def test_text_encoder_config_option(workdir, tmp_path):
     _, state = workdir
-    config = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
-              "vocab_size": 1000, "max_position_embeddings": 77, "hidden_act": "quick_gelu"}
+    config = {
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "vocab_size": 1000,
+        "max_position_embeddings": 77,
+        "hidden_act": "quick_gelu",
+    }
     (tmp_path / "config.json").write_text(json.dumps(config))
     from lcad_pipeline.convert import load_text_encoder_config
 
@@ -250,6 +263,8 @@ def _build(state):
         "first_stage_model.decoder.up.2.block.1.norm1.bias",
         "cond_stage_model.transformer.encoder.layers.1.mlp.fc2.weight",
         "first_stage_model.post_quant_conv.weight",
+        "first_stage_model.decoder.up.1.upsample.conv.bias",  # indexed directly by diffusers' VAE converter
+        "model.diffusion_model.output_blocks.2.1.conv.bias",  # likewise in the UNet converter
     ],
 )
 def test_missing_weight_fails_naming_it(workdir, removed):
@@ -273,7 +288,9 @@ def test_unreadable_checkpoints_fail_clearly(workdir, tmp_path, capsys):
     root, _ = workdir
     data = (root / "small.ckpt").read_bytes()
     (tmp_path / "truncated.ckpt").write_bytes(data[: len(data) // 2])
-    status, err = _run_cli(tmp_path / "truncated.ckpt", tmp_path / "o1", "--tokenizer", root / "tokenizer", capsys=capsys)
+    status, err = _run_cli(
+        tmp_path / "truncated.ckpt", tmp_path / "o1", "--tokenizer", root / "tokenizer", capsys=capsys
+    )
     assert status == 2 and "truncated or corrupt" in err and "Traceback" not in err
     assert not (tmp_path / "o1").exists()
 
@@ -281,7 +298,9 @@ def test_unreadable_checkpoints_fail_clearly(workdir, tmp_path, capsys):
     assert status == 2 and "does not exist" in err
 
     (tmp_path / "garbage.safetensors").write_bytes(b"\x00" * 100)
-    status, err = _run_cli(tmp_path / "garbage.safetensors", tmp_path / "o3", "--tokenizer", root / "tokenizer", capsys=capsys)
+    status, err = _run_cli(
+        tmp_path / "garbage.safetensors", tmp_path / "o3", "--tokenizer", root / "tokenizer", capsys=capsys
+    )
     assert status == 2 and "safetensors" in err
 
 
@@ -292,7 +311,9 @@ class _NotATensor:
 def test_pickled_code_is_not_executed(workdir, tmp_path, capsys):
     root, state = workdir
     torch.save({"state_dict": state, "hyper_parameters": _NotATensor()}, tmp_path / "lightning.ckpt")
-    status, err = _run_cli(tmp_path / "lightning.ckpt", tmp_path / "out", "--tokenizer", root / "tokenizer", capsys=capsys)
+    status, err = _run_cli(
+        tmp_path / "lightning.ckpt", tmp_path / "out", "--tokenizer", root / "tokenizer", capsys=capsys
+    )
     assert status == 2 and "other than tensors" in err
 
 
@@ -339,3 +360,27 @@ def test_memory_mapping_avoids_copies(workdir):
     size = (root / "small.ckpt").stat().st_size
     total = sum(t.numel() * t.element_size() for t in state.values())
     assert math.isclose(total, size, rel_tol=0.05)
+
+
+def test_older_transformers_text_keys_and_bookkeeping_buffers(workdir):
+    """CLIP keys saved with transformers 4's `text_model.` level, and ldm's optional buffers, are accepted."""
+    _, state = workdir
+    prefix = "cond_stage_model.transformer."
+    older = {}
+    for key, value in state.items():
+        if key.startswith(prefix) and not key.startswith(prefix + "text_model."):
+            key = prefix + "text_model." + key[len(prefix) :]
+        older[key] = value
+    older["scale_factor"] = torch.tensor(0.2)
+    older["model_ema.decay"] = torch.tensor(0.9999)
+    older["model_ema.num_updates"] = torch.tensor(0, dtype=torch.int32)
+    result = split_and_map(older)
+    assert result.vae_config["scaling_factor"] == pytest.approx(0.2)
+    assert {"scale_factor", "model_ema.decay", "model_ema.num_updates"} <= set(result.dropped)
+    token = state[prefix + "embeddings.token_embedding.weight"]
+    assert result.text_encoder["embeddings.token_embedding.weight"] is token
+
+    twice = dict(state)
+    twice[prefix + "text_model.embeddings.token_embedding.weight"] = token.clone()
+    with pytest.raises(ConversionError, match="appears twice"):
+        split_and_map(twice)

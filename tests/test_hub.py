@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-import yaml
 from pathlib import Path
 
 import pytest
+import yaml
+from tiny_models import make_tiny_pipeline
 
 from lcad_pipeline import hub
 from lcad_pipeline.cli import main as lcad_main
-from tiny_models import make_tiny_pipeline
-
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -113,7 +112,11 @@ class _FakeApi:
         return type("RepoUrl", (), {"repo_id": repo_id})()
 
     def upload_folder(self, **kwargs):
-        files = sorted(p.relative_to(kwargs["folder_path"]).as_posix() for p in Path(kwargs["folder_path"]).rglob("*") if p.is_file())
+        files = sorted(
+            p.relative_to(kwargs["folder_path"]).as_posix()
+            for p in Path(kwargs["folder_path"]).rglob("*")
+            if p.is_file()
+        )
         self.calls.append(("upload_folder", kwargs, files, (Path(kwargs["folder_path"]) / "README.md").read_text()))
         return type("CommitInfo", (), {"commit_url": f"https://huggingface.co/{kwargs['repo_id']}/commit/abc"})()
 
@@ -153,9 +156,20 @@ def test_push_pipeline_includes_code_and_card(folder, fake_hub):
     from lcad_pipeline import LCADPipeline
 
     pipe = LCADPipeline.from_pretrained(folder)
-    url = hub.push_pipeline(pipe, "someone/lcad-coco")
+    url = hub.push_pipeline(pipe, "someone/lcad-coco", commit_message="first upload", max_shard_size="1GB")
     assert url.endswith("commit/abc")
     (_, upload, files, readme) = fake_hub.calls[-1]
-    assert {"pipeline.py", "unet/lcad_pipeline.py", "vae/lcad_pipeline.py", "README.md", "model_index.json"} <= set(files)
+    assert upload["commit_message"] == "first upload"
+    assert {"pipeline.py", "unet/lcad_pipeline.py", "vae/lcad_pipeline.py", "README.md", "model_index.json"} <= set(
+        files
+    )
     assert "unet/diffusion_pytorch_model.safetensors" in files
     assert readme == (folder / "README.md").read_text()  # the card of the folder it was loaded from
+
+
+def test_push_pipeline_built_in_memory_gets_the_template_card(fake_hub):
+    hub.push_pipeline(make_tiny_pipeline(), "someone/lcad-tiny")
+    readme = fake_hub.calls[-1][3]
+    header = _header(readme)
+    assert header["library_name"] == "diffusers" and header["pipeline_tag"] == "image-to-image"
+    assert 'LCADPipeline.from_pretrained("someone/lcad-tiny")' in readme

@@ -12,9 +12,7 @@ from __future__ import annotations
 import PIL.Image
 import pytest
 import torch
-
 from diffusers import DDIMScheduler
-
 from ldm_reference import (
     SMALL,
     ddim_sample,
@@ -25,10 +23,10 @@ from ldm_reference import (
     random_checkpoint,
     unet_eps,
 )
-from lcad_pipeline import LCADPipeline
-from lcad_pipeline.convert import convert_checkpoint
 from tiny_models import make_tokenizer
 
+from lcad_pipeline import LCADPipeline
+from lcad_pipeline.convert import convert_checkpoint
 
 TOLERANCE = 1e-4
 SIZE = 64  # image side: latents 8x8
@@ -147,7 +145,7 @@ def test_ddim_scheduler_reproduces_ldm_ddim(setup):
 
 
 def test_each_sampling_step(setup):
-    """Every step of the pipeline's loop (UNet on both branches, CFG 5, DDIM update) from the pipeline's own latents."""
+    """Each step of the pipeline's loop (UNet on both branches, CFG 5, DDIM update) from the pipeline's own latents."""
     pipe, state, generator = setup["pipe"], setup["state"], setup["generator"]
     latents = torch.randn(1, 4, SIZE // 8, SIZE // 8, generator=generator)
     cond = torch.randn(1, 77, SMALL.context_dim, generator=generator)
