@@ -17,6 +17,7 @@ import json
 import os
 import re
 import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -33,6 +34,7 @@ from diffusers.pipelines.pipeline_utils import DiffusionPipeline
 from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import StableDiffusionPipeline, retrieve_timesteps
 from diffusers.schedulers import DDIMScheduler, KarrasDiffusionSchedulers
 from diffusers.utils import BaseOutput, logging
+from diffusers.utils.hub_utils import create_repo  # huggingface_hub's, through diffusers (remote-code rule)
 from diffusers.utils.torch_utils import randn_tensor
 
 from .autoencoder_lcad import LuminanceAutoencoderKL
@@ -253,6 +255,9 @@ class LCADPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin, TextualInv
         pipe = super().from_pretrained(pretrained_model_name_or_path, **kwargs)
         for model in (pipe.unet, pipe.vae):
             check_materialized(model)
+        card = Path(pretrained_model_name_or_path, "README.md")
+        if card.is_file():  # the model card `lcad convert` or training wrote: kept by save_pretrained / push_to_hub
+            pipe.model_card = card.read_text(encoding="utf-8")
         return pipe
 
     def save_pretrained(self, save_directory: str | os.PathLike, push_to_hub: bool = False, **kwargs) -> None:
@@ -265,9 +270,40 @@ class LCADPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin, TextualInv
         push_kwargs = {k: kwargs.pop(k) for k in ("repo_id", "private", "token", "create_pr", "commit_message") if k in kwargs}
         super().save_pretrained(save_directory, push_to_hub=False, **kwargs)
         self._write_remote_code(Path(save_directory))
+        card = Path(save_directory, "README.md")
+        if getattr(self, "model_card", None) and not card.exists():
+            card.write_text(self.model_card, encoding="utf-8")
         if push_to_hub:
             repo_id = push_kwargs.pop("repo_id", Path(save_directory).name)
             self.push_to_hub(repo_id, **push_kwargs, **kwargs)
+
+    def push_to_hub(
+        self,
+        repo_id: str,
+        commit_message: str | None = None,
+        private: bool | None = None,
+        token: str | None = None,
+        create_pr: bool = False,
+        safe_serialization: bool = True,
+        variant: str | None = None,
+        model_card: str | None = None,
+    ) -> str:
+        r"""
+        Upload the pipeline's folder (weights, configs, code files) to the Hub, with its model card as `README.md`:
+        `model_card` (the card's text) if given, else the card of the folder the pipeline was loaded from (`lcad
+        convert` and the training scripts write one), else diffusers' generic card. Returns the commit URL.
+        """
+        card = model_card if model_card is not None else getattr(self, "model_card", None)
+        if card is None:
+            return super().push_to_hub(
+                repo_id, commit_message=commit_message, private=private, token=token, create_pr=create_pr,
+                safe_serialization=safe_serialization, variant=variant,
+            )
+        repo_id = create_repo(repo_id, private=private, token=token, exist_ok=True).repo_id
+        with tempfile.TemporaryDirectory() as folder:
+            self.save_pretrained(folder, safe_serialization=safe_serialization, variant=variant)
+            Path(folder, "README.md").write_text(card, encoding="utf-8")
+            return self._upload_folder(folder, repo_id, token=token, commit_message=commit_message, create_pr=create_pr)
 
     def _write_remote_code(self, directory: Path) -> None:
         """Write the code files and point `model_index.json`'s L-CAD models at them."""
