@@ -130,9 +130,6 @@ class InstanceAttentionGuidance:
             reduction = "mean" if mode == "official" else "sum"
         if reduction not in REDUCTIONS:
             raise ValueError(f"`reduction` must be one of {REDUCTIONS}, got {reduction!r}.")
-        strength = float(strength)
-        if not math.isfinite(strength) or strength < 0:
-            raise ValueError(f"`strength` must be a finite number >= 0, got {strength}.")
         if int(iterations) != iterations or iterations < 1:
             raise ValueError(f"`iterations` must be an integer >= 1, got {iterations!r}.")
         if isinstance(step_fraction, (int, float)):
@@ -203,6 +200,18 @@ class InstanceAttentionGuidance:
                 raise ValueError("`masks` values must lie in [0, 1].")
         self.masks = masks
         self._targets_cache: dict = {}
+
+    @property
+    def strength(self) -> float:
+        return self._strength
+
+    @strength.setter
+    def strength(self, value: float) -> None:
+        value = float(value)
+        if not math.isfinite(value) or value < 0:
+            raise ValueError(f"`strength` must be a finite number >= 0, got {value}.")
+        self._strength = value
+        self._targets_cache = {}  # the cached targets include the strength
 
     @property
     def refines(self) -> bool:
@@ -321,8 +330,9 @@ class InstanceAttentionGuidance:
         weights = self._selection.clone()  # [P, K]
         if self.reduction == "mean":
             weights /= weights.sum(1, keepdim=True) * heads * h * w
-        target = torch.einsum("pk,bpn->bnk", weights, resized)[:, None]  # [B|1, 1, h*w, K]
-        coef = weights.sum(0)  # [K]
+        # the step x - strength * (coef * sigmoid(x) - target), with strength folded into coef and target
+        target = self.strength * torch.einsum("pk,bpn->bnk", weights, resized)[:, None]  # [B|1, 1, h*w, K]
+        coef = self.strength * weights.sum(0)  # [K]
         cached = (
             self._token_index.to(device),
             coef.to(device=device, dtype=dtype),
@@ -340,10 +350,10 @@ class InstanceAttentionGuidance:
                 f"`token_indices` reaches position {self._tokens[-1]} but the text encoding has {logits.shape[-1]} tokens."
             )
         index, coef, target = self._targets(h, w, heads, cond_batch, logits.device, logits.dtype)
-        x = logits[cond][..., index]  # [Bc, heads, h*w, K]
+        x = logits[cond, :, :, index]  # [Bc, heads, h*w, K], a copy
         for _ in range(self.iterations):
-            x = x - self.strength * (coef * torch.sigmoid(x) - target)
-        logits[cond, ..., index] = x
+            x = torch.addcmul(x + target, coef, torch.sigmoid(x), value=-1)
+        logits[cond, :, :, index] = x
         return logits
 
     def _record(self, name: str, probs: torch.Tensor, h: int, w: int, cond: slice) -> None:
@@ -389,7 +399,7 @@ class InstanceAttentionGuidance:
                 query = attn.norm_q(query)
             if attn.norm_k is not None:
                 key = attn.norm_k(key)
-            logits = torch.matmul(query, key.transpose(-1, -2)) * attn.scale
+            logits = torch.matmul(query, key.transpose(-1, -2)).mul_(attn.scale)
             if logits.dtype in (torch.float16, torch.bfloat16):
                 logits = logits.float()
             if attention_mask is not None:

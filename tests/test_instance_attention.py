@@ -352,6 +352,15 @@ def test_pipeline_refinement_moves_attention_into_masks(pipe, gray):
     np.testing.assert_allclose(images[0.0], plain_out.images, atol=1e-4)  # the explicit attention path alone
 
 
+def test_pipeline_without_cfg_refines_the_whole_batch(pipe, gray):
+    masks = {"a red car": left_half(), "a blue cup": ~left_half()}
+    plain_out = colourise(pipe, gray, guidance_scale=1.0)
+    zero = colourise(pipe, gray, guidance_scale=1.0, instance_masks=masks, instance_guidance={"strength": 0.0})
+    refined = colourise(pipe, gray, guidance_scale=1.0, instance_masks=masks)
+    assert np.array_equal(zero.images, plain_out.images)
+    assert np.abs(refined.images - plain_out.images).max() > 1e-3
+
+
 def test_pipeline_official_mode_runs_two_unet_passes_per_step(pipe, gray):
     calls = []
     hook = pipe.unet.register_forward_pre_hook(lambda *args: calls.append(1))
