@@ -520,12 +520,13 @@ class LCADPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin, TextualInv
         proposals for automatic masks (one `(R, H, W)` tensor per image), and the guidance for the denoising loop.
         """
         phrases, automatic = checked["phrases"], checked["automatic"]
+        segment = segmenter is not None and any(is_prompt_spec(spec) for spec in checked["specs"])
         masks, regions = [], []
         for lum, image_size in zip(lightness, sizes):
             masks.append(
                 prepare_instance_masks(
                     checked["specs"], phrases, size, image_size=image_size, argument=checked["argument"],
-                    image=lightness_to_gray_rgb(lum), segmenter=segmenter,
+                    image=lightness_to_gray_rgb(lum) if segment else None, segmenter=segmenter if segment else None,
                 )
             )
             if automatic:
