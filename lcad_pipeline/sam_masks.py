@@ -33,7 +33,6 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import PIL.Image
 import torch
-import torch.nn.functional as F
 
 _PRIVATE_PACKAGE = "_lcad_segment_anything"
 
