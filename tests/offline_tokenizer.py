@@ -44,10 +44,8 @@ def _apply_merges(symbols: list[str], merges: list[tuple[str, str]]) -> list[str
     return symbols
 
 
-def write_clip_vocab(directory: str | Path, words=DEFAULT_WORDS) -> Path:
-    """Write ``vocab.json``, ``merges.txt`` and a tokenizer config into ``directory`` and return it."""
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
+def clip_vocab(words=DEFAULT_WORDS) -> tuple[dict[str, int], list[tuple[str, str]]]:
+    """The vocabulary and merges: byte symbols, their ``</w>`` variants, one token per word of ``words``, specials."""
     byte_symbols = list(_bytes_to_unicode().values())
     vocab: dict[str, int] = {}
     for symbol in byte_symbols:
@@ -65,6 +63,14 @@ def write_clip_vocab(directory: str | Path, words=DEFAULT_WORDS) -> Path:
             symbols = _apply_merges(symbols, merges)
     vocab["<|startoftext|>"] = len(vocab)
     vocab["<|endoftext|>"] = len(vocab)
+    return vocab, merges
+
+
+def write_clip_vocab(directory: str | Path, words=DEFAULT_WORDS) -> Path:
+    """Write ``vocab.json``, ``merges.txt`` and a tokenizer config into ``directory`` and return it."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    vocab, merges = clip_vocab(words)
     (directory / "vocab.json").write_text(json.dumps(vocab), encoding="utf-8")
     (directory / "merges.txt").write_text("#version: 0.2\n" + "\n".join(f"{a} {b}" for a, b in merges) + "\n", encoding="utf-8")
     config = {"model_max_length": 77, "tokenizer_class": "CLIPTokenizer"}

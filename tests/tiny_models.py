@@ -8,12 +8,11 @@ from __future__ import annotations
 
 import torch
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
-from transformers.convert_slow_tokenizer import bytes_to_unicode
 
 from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
 
-# Whole words the tiny tokenizer knows as single tokens (others fall back to characters).
-_WORDS = ["a", "the", "red", "blue", "green", "yellow", "car", "cup", "sky", "tree", "and", "of", "colorful", "image"]
+from offline_tokenizer import clip_vocab
+
 
 LATENT_CHANNELS = 4
 VAE_CHANNELS = (8, 16)
@@ -22,19 +21,9 @@ CROSS_ATTENTION_DIM = 32
 
 
 def make_tokenizer(model_max_length: int = 77) -> CLIPTokenizer:
-    """A byte-level BPE CLIP tokenizer (bytes, a few whole words, the special tokens), built offline."""
-    symbols = list(bytes_to_unicode().values())
-    vocab = symbols + [s + "</w>" for s in symbols]
-    merges = []
-    for word in _WORDS:
-        pieces = list(word[:-1]) + [word[-1] + "</w>"]
-        while len(pieces) > 1:
-            merges.append((pieces[0], pieces[1]))
-            pieces = [pieces[0] + pieces[1]] + pieces[2:]
-            vocab.append(pieces[0])
-    vocab += ["<|startoftext|>", "<|endoftext|>"]
-    vocab = {token: i for i, token in enumerate(dict.fromkeys(vocab))}
-    return CLIPTokenizer(vocab=vocab, merges=list(dict.fromkeys(merges)), model_max_length=model_max_length)
+    """A byte-level BPE CLIP tokenizer (bytes, a few whole words, the special tokens), built offline in memory."""
+    vocab, merges = clip_vocab()
+    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=model_max_length)
 
 
 def make_text_encoder(vocab_size: int, seed: int = 0) -> CLIPTextModel:
