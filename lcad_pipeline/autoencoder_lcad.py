@@ -330,7 +330,9 @@ class LuminanceAutoencoderKL(AutoencoderKL):
             encoder_state.pop("conv_in.weight")
             encoder_state.pop("conv_in.bias")
         missing, unexpected = self.luminance_encoder.load_state_dict(encoder_state, strict=False)
-        assert not unexpected, unexpected
+        untouched = [k for k in missing if not k.startswith(("down_zero_convs.", "mid_zero_convs.", "conv_in."))]
+        if unexpected or untouched:
+            raise RuntimeError(f"VAE encoder and luminance encoder differ: {sorted(unexpected) + untouched}")
         with torch.no_grad():
             for conv in self.zero_convolutions():
                 conv.weight.zero_()
@@ -354,14 +356,13 @@ class LuminanceAutoencoderKL(AutoencoderKL):
                 raise ValueError(
                     f"{pretrained_model_name_or_path} lacks weights of {cls.__name__}: {sorted(missing - luminance_keys)}"
                 )
-            materialize_as_zeros(model, missing)
-            if missing == luminance_keys:
-                logger.info("No luminance encoder in the checkpoint: initialising it from the VAE encoder.")
-                model._init_luminance_encoder_from_vae_encoder()
-            else:
+            if missing != luminance_keys:
                 raise ValueError(
                     f"{pretrained_model_name_or_path} has a partial luminance encoder; missing: {sorted(missing)}"
                 )
+            logger.info("No luminance encoder in the checkpoint: initialising it from the VAE encoder.")
+            materialize_as_zeros(model, missing)
+            model._init_luminance_encoder_from_vae_encoder()
         check_materialized(model)
         return (model, info) if output_loading_info else model
 
