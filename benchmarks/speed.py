@@ -1318,7 +1318,7 @@ def write_chart(report: dict[str, Any], path: Path) -> None:
     panels = [(title, sel) for title, sel in panels if sel]
     font = _font(14)
     small = _font(12)
-    label_w, bar_w, value_w, row_h, title_h, margin = 420, 520, 110, 24, 34, 16
+    label_w, bar_w, value_w, row_h, title_h, margin = 480, 520, 110, 24, 34, 16
     height = margin * 2 + 40 + sum(title_h + row_h * len(sel) + 12 for _, sel in panels)
     width = margin * 2 + label_w + bar_w + value_w
     image = PIL.Image.new("RGB", (width, max(height, 120)), "white")
@@ -1335,7 +1335,7 @@ def write_chart(report: dict[str, Any], path: Path) -> None:
             label = f"{r['resolution']} px  " + ("L-CAD UNet, " if r["section"] == "instance_step" else "") + r["name"]
             if r["section"] == "end_to_end":
                 label += f" ({r['steps']} steps)"
-            draw.text((margin, y + 4), label[:60], fill="black", font=small)
+            draw.text((margin, y + 4), label[:72], fill="black", font=small)
             x0 = margin + label_w
             length = max(1, int(bar_w * r["median_s"] / top))
             box = [x0, y + 3, x0 + length, y + row_h - 3]
