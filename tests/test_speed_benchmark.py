@@ -130,3 +130,23 @@ def test_quiet_wait_gives_up_after_its_limit(speed):
     wait()
     assert wait.gave_up == 1 and 0.2 <= time.perf_counter() - start < 2
     speed.QuietWait(max_wait_s=0)()  # disabled: returns at once
+
+
+def test_gpu_rows_code_path_runs_on_the_cpu(speed, tmp_path):
+    # No GPU in CI: the developer switch runs the GPU-only rows (fp16 / bf16 / math attention / torch.compile) on the
+    # CPU with tiny models, so their code is exercised before a GPU run depends on it.
+    report = speed.main(
+        ["--tiny", "--device", "cpu", "--output-dir", str(tmp_path), "--sections", "gpu", "--gpu-rows-on-cpu",
+         "--step-repeats", "1", "--resolutions", "32"]
+    )
+    rows = [r for r in report["rows"] if r["section"] == "gpu"]
+    assert [r["name"] for r in rows] == [
+        "L-CAD UNet fp32, SDPA",
+        "L-CAD UNet fp16, SDPA",
+        "L-CAD UNet bf16, SDPA",
+        "L-CAD UNet fp16, math attention",
+        "L-CAD UNet fp16, SDPA, torch.compile",
+    ]
+    assert all(r["measured"] and r["median_s"] > 0 for r in rows)
+    assert rows[0]["ratio"] == 1.0 and rows[-1]["first_call_s"] > 0
+    assert "## GPU only" in (tmp_path / f"speed_{report['device_slug']}_tiny.md").read_text()
