@@ -13,6 +13,7 @@ import argparse
 import json
 import os
 import sys
+import sysconfig
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -46,9 +47,13 @@ class HubError(Exception):
 
 
 def find_model_card_template() -> Path | None:
-    """The `model_card.md` template: shipped in the package, or at the root of a source checkout."""
+    """The `model_card.md` template: at the root of a source checkout (editable installs), or where an installed
+    wheel puts it (`<prefix>/share/lcad_pipeline/`, setup.cfg's data_files)."""
     package_dir = Path(__file__).resolve().parent
-    for candidate in (package_dir / TEMPLATE_NAME, package_dir.parent / TEMPLATE_NAME):
+    candidates = [package_dir / TEMPLATE_NAME, package_dir.parent / TEMPLATE_NAME]
+    for prefix in dict.fromkeys((sysconfig.get_path("data"), sys.prefix, sys.base_prefix)):
+        candidates.append(Path(prefix) / "share" / "lcad_pipeline" / TEMPLATE_NAME)
+    for candidate in candidates:
         if candidate.is_file():
             return candidate
     return None

@@ -33,6 +33,37 @@ def test_template_is_the_repository_model_card():
     assert "{{ card_data }}" in text
 
 
+def test_wheel_ships_the_template_where_the_installed_package_finds_it(tmp_path, monkeypatch):
+    # A non-editable install has no repository root beside the package: the wheel carries model_card.md as a data
+    # file (<prefix>/share/lcad_pipeline/), and find_model_card_template looks there.
+    import subprocess
+    import sys
+    import sysconfig
+    import zipfile
+
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", str(ROOT), "-w", str(tmp_path)],
+        check=True, cwd=tmp_path,
+    )
+    (wheel,) = tmp_path.glob("lcad_pipeline-*.whl")
+    with zipfile.ZipFile(wheel) as archive:
+        shipped = [n for n in archive.namelist() if n.endswith(".data/data/share/lcad_pipeline/model_card.md")]
+        assert len(shipped) == 1
+        template = archive.read(shipped[0])
+    assert template == (ROOT / "model_card.md").read_bytes()
+
+    # installed layout: the package alone in site-packages, the template under the environment's data path
+    site, data = tmp_path / "site-packages" / "lcad_pipeline", tmp_path / "prefix"
+    site.mkdir(parents=True)
+    (data / "share" / "lcad_pipeline").mkdir(parents=True)
+    (data / "share" / "lcad_pipeline" / "model_card.md").write_bytes(template)
+    monkeypatch.setattr(hub, "__file__", str(site / "hub.py"))
+    monkeypatch.setattr(sysconfig, "get_path", lambda name, *a, **k: str(data) if name == "data" else None)
+    assert hub.find_model_card_template() == data / "share" / "lcad_pipeline" / "model_card.md"
+    card = hub.render_model_card(license="cc-by-nc-4.0")
+    assert "L-CAD" in str(card)
+
+
 def test_rendered_card(folder):
     text = (folder / "README.md").read_text()
     header = _header(text)
