@@ -204,13 +204,9 @@ def _slug(text: str) -> str:
 
 def cpu_model() -> str:
     """The CPU model from /proc/cpuinfo (Linux), else what `platform` knows."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+    from benchmarks.instance_attention import cpu_name
+
+    return cpu_name()
 
 
 def usable_cores() -> int:
@@ -593,9 +589,10 @@ def sd15_vae_config() -> dict[str, Any]:
 def build_models(tiny: bool, device: torch.device, seed: int = 0) -> Models:
     """Random-weight models: SD1.5-sized (or the tests' tiny ones) stock UNet, L-CAD UNet, L-CAD VAE and CLIP."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
+    from transformers import CLIPTextModel
 
     from lcad_pipeline import LCADUNet2DConditionModel, LuminanceAutoencoderKL
+    from lcad_pipeline.convert import clip_vit_l14_text_config
 
     if str(REPO_ROOT / "tests") not in sys.path:  # the tests' offline tokenizer and tiny models import each other
         sys.path.append(str(REPO_ROOT / "tests"))
@@ -613,23 +610,12 @@ def build_models(tiny: bool, device: torch.device, seed: int = 0) -> Models:
         stock = UNet2DConditionModel(**sd15_unet_config())
         lcad = LCADUNet2DConditionModel.from_unet(stock, luminance_channels=512)
         vae = LuminanceAutoencoderKL.from_vae(AutoencoderKL(**sd15_vae_config()))
-        # CLIP ViT-L/14's text tower; the real vocabulary size (49408) so the embedding table weighs what it weighs,
-        # with the offline test tokenizer's special-token ids (its ids all lie below 49408).
-        text_encoder = CLIPTextModel(
-            CLIPTextConfig(
-                vocab_size=49408,
-                hidden_size=768,
-                intermediate_size=3072,
-                projection_dim=768,
-                num_hidden_layers=12,
-                num_attention_heads=12,
-                max_position_embeddings=77,
-                hidden_act="quick_gelu",
-                bos_token_id=tokenizer.bos_token_id,
-                eos_token_id=tokenizer.eos_token_id,
-                pad_token_id=tokenizer.pad_token_id,
-            )
-        )
+        # CLIP ViT-L/14's text tower (the real vocabulary size, so the embedding table weighs what it weighs), with
+        # the offline test tokenizer's special-token ids (its ids all lie below 49408).
+        config = clip_vit_l14_text_config()
+        config.bos_token_id, config.eos_token_id = tokenizer.bos_token_id, tokenizer.eos_token_id
+        config.pad_token_id = tokenizer.pad_token_id
+        text_encoder = CLIPTextModel(config)
         size = "SD1.5 (full size, random weights)"
     models = Models(stock, lcad, vae, text_encoder, tokenizer, size)
     for model in (models.stock_unet, models.lcad_unet, models.vae, models.text_encoder):

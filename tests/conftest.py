@@ -21,3 +21,4 @@ def coffee_gray():
     from skimage import data
 
     return Image.fromarray(data.coffee()).convert("L")
+

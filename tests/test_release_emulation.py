@@ -4,10 +4,6 @@ it found them."""
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import numpy as np
 import PIL.Image
 import pytest
@@ -15,19 +11,15 @@ import torch
 
 from lcad_pipeline.attention_lcad import InstanceAttentionGuidance
 from lcad_pipeline.instance_masks import find_phrase_token_spans, split_prompt_phrases
+from scripts import load_script
 from tiny_models import make_tiny_pipeline
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
 PROMPT = "a red car, a green tree, a blue sky"
 
 
 @pytest.fixture(scope="module")
 def emulation():
-    spec = importlib.util.spec_from_file_location("lcad_release_emulation", REPO_ROOT / "benchmarks" / "release_emulation.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_script("benchmarks/release_emulation.py", "lcad_release_emulation")
 
 
 @pytest.fixture(scope="module")

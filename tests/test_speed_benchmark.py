@@ -6,24 +6,16 @@ shortened end-to-end runs, the peak-memory bookkeeping and the three output file
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import PIL.Image
 import pytest
-
-REPO_ROOT = Path(__file__).resolve().parent.parent
+from scripts import load_script
 
 
 @pytest.fixture(scope="module")
 def speed():
-    spec = importlib.util.spec_from_file_location("lcad_speed_benchmark", REPO_ROOT / "benchmarks" / "speed.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_script("benchmarks/speed.py", "lcad_speed_benchmark")
 
 
 @pytest.fixture(scope="module")
