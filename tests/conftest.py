@@ -21,4 +21,3 @@ def coffee_gray():
     from skimage import data
 
     return Image.fromarray(data.coffee()).convert("L")
-
